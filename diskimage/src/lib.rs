@@ -12,6 +12,7 @@ pub mod checksum;
 pub mod detect;
 pub mod disk;
 pub mod error;
+pub mod fuzzing;
 pub mod io;
 pub mod layer;
 pub mod map;
