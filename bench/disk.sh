@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Benchmark: rehost's disk checksum and convert-to-raw against qemu-img on the same images.
+#
+#   bench/disk.sh [WORKDIR]        (default WORKDIR: /var/tmp/rehost-bench, ~8 GiB free needed)
+#
+# Builds two >= 2 GiB images from a raw disk that is ~50% data (real file contents from
+# /usr, so they compress like a real disk does, laid out in 4 MiB runs with holes between):
+# a streamOptimized VMDK and a dynamic VHDX, both made by qemu-img. Then, each run warm
+# (page cache), best of RUNS:
+#   checksum: rehost disk checksum IMG   vs  qemu-img convert -O raw IMG out && sha256sum out
+#   convert:  rehost disk convert IMG out --to raw  vs  qemu-img convert -O raw IMG out
+# and prints wall time, the ratio ours/qemu (lower is better) and peak RSS (GNU time).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-/var/tmp/rehost-bench}
+RUNS=${RUNS:-3}
+SIZE_MIB=${SIZE_MIB:-2304}
+mkdir -p "$WORK"
+cargo build --release --locked -q -p rehost
+REHOST=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/rehost
+
+raw="$WORK/disk.raw"
+if [[ ! -f $raw ]]; then
+  echo "building a ${SIZE_MIB} MiB raw disk, ~50% data..." >&2
+  truncate -s "${SIZE_MIB}M" "$raw"
+  # Real file contents, not random bytes: they compress the way disks do.
+  tar cf - /usr/lib /usr/share /usr/bin 2>/dev/null | head -c $((SIZE_MIB / 2 * 1024 * 1024)) > "$WORK/payload"
+  chunks=$((SIZE_MIB / 8))
+  for ((i = 0; i < chunks; i++)); do
+    # 4 MiB of data at the start of every 8 MiB.
+    dd if="$WORK/payload" of="$raw" bs=4M skip="$i" seek=$((i * 2)) count=1 conv=notrunc status=none
+  done
+  rm -f "$WORK/payload"
+fi
+[[ -f $WORK/disk.vmdk ]] || qemu-img convert -O vmdk -o subformat=streamOptimized "$raw" "$WORK/disk.vmdk"
+[[ -f $WORK/disk.vhdx ]] || qemu-img convert -O vhdx -o subformat=dynamic "$raw" "$WORK/disk.vhdx"
+expected=$(sha256sum "$raw" | cut -d' ' -f1)
+
+# best_of CMD...: runs CMD $RUNS times, prints "seconds peak_kib" of the fastest run.
+best_of() {
+  local best="" line
+  for ((r = 0; r < RUNS; r++)); do
+    rm -f "$WORK/out.raw"
+    line=$( { /usr/bin/time -f '%e %M' bash -c "$*" >/dev/null; } 2>&1 | tail -n 1)
+    if [[ -z $best ]] || awk -v a="${line%% *}" -v b="${best%% *}" 'BEGIN{exit !(a<b)}'; then best=$line; fi
+  done
+  echo "$best"
+}
+
+printf '%-8s %-9s %10s %10s %8s %12s %12s\n' image op rehost_s qemu_s ratio rehost_MiB qemu_MiB
+for img in disk.vmdk disk.vhdx; do
+  path="$WORK/$img"
+  got=$("$REHOST" disk checksum "$path")
+  [[ $got == "$expected" ]] || { echo "checksum mismatch for $img: $got != $expected" >&2; exit 1; }
+  ours=$(best_of "'$REHOST' disk checksum '$path'")
+  theirs=$(best_of "qemu-img convert -O raw '$path' '$WORK/out.raw' && sha256sum '$WORK/out.raw'")
+  awk -v i="$img" -v o="$ours" -v t="$theirs" 'BEGIN{split(o,a," ");split(t,b," ");
+    printf "%-8s %-9s %10.2f %10.2f %8.2f %12.1f %12.1f\n", i, "checksum", a[1], b[1], a[1]/b[1], a[2]/1024, b[2]/1024}'
+  ours=$(best_of "'$REHOST' disk convert '$path' '$WORK/out.raw' --to raw")
+  theirs=$(best_of "qemu-img convert -O raw '$path' '$WORK/out.raw'")
+  awk -v i="$img" -v o="$ours" -v t="$theirs" 'BEGIN{split(o,a," ");split(t,b," ");
+    printf "%-8s %-9s %10.2f %10.2f %8.2f %12.1f %12.1f\n", i, "to-raw", a[1], b[1], a[1]/b[1], a[2]/1024, b[2]/1024}'
+done
+rm -f "$WORK/out.raw"
