@@ -12,18 +12,32 @@ use rehost_diskimage::{Disk, MemFs, fuzzing};
 #[test]
 fn every_corpus_sample_ends_cleanly() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
-    let mut samples: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut samples: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     samples.sort();
-    assert!(!samples.is_empty(), "the corpus in {} is empty", dir.display());
+    assert!(
+        !samples.is_empty(),
+        "the corpus in {} is empty",
+        dir.display()
+    );
     for path in samples {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let bytes = std::fs::read(&path).unwrap();
         let started = Instant::now();
         fuzzing::exercise_disk(&MemFs::new(), &name, &bytes);
-        assert!(started.elapsed() < Duration::from_secs(20), "{name} took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{name} took {:?}",
+            started.elapsed()
+        );
         if name.contains(".err.") {
             let err = Disk::from_bytes(&MemFs::new(), &name, bytes).expect_err(&name);
-            assert!(err.to_string().contains(&name), "{name}: error does not name the file: {err}");
+            assert!(
+                err.to_string().contains(&name),
+                "{name}: error does not name the file: {err}"
+            );
         }
     }
 }
