@@ -153,7 +153,11 @@ impl ImageFile {
     }
 
     /// Reads a fixed-size structure.
-    pub fn read_array<const N: usize>(&self, offset: u64, structure: &'static str) -> Result<[u8; N]> {
+    pub fn read_array<const N: usize>(
+        &self,
+        offset: u64,
+        structure: &'static str,
+    ) -> Result<[u8; N]> {
         let mut buf = [0u8; N];
         self.read(&mut buf, offset, structure)?;
         Ok(buf)
@@ -290,7 +294,10 @@ mod tests {
     #[test]
     fn resolves_relative_references_from_the_referrer() {
         let fs = MemFs::new();
-        assert_eq!(fs.resolve("/a/b/child.vmdk", "parent.vmdk"), "/a/b/parent.vmdk");
+        assert_eq!(
+            fs.resolve("/a/b/child.vmdk", "parent.vmdk"),
+            "/a/b/parent.vmdk"
+        );
         assert_eq!(fs.resolve("child.vmdk", "parent.vmdk"), "parent.vmdk");
         assert_eq!(fs.resolve("/a/child.vmdk", "/z/p.vmdk"), "/z/p.vmdk");
     }

@@ -1,0 +1,148 @@
+//! The image file as seen after log replay: the file's bytes with the replayed log
+//! sectors laid over them, read without ever writing the file.
+
+use crate::error::{Error, Result};
+use crate::io::ImageFile;
+
+/// One write the log replay would have made.
+#[derive(Debug, Clone)]
+pub(crate) enum OverlayWrite {
+    /// A 4 KiB sector of data at a file offset.
+    Sector { offset: u64, data: Box<[u8]> },
+    /// `len` zero bytes at a file offset.
+    Zeros { offset: u64, len: u64 },
+}
+
+impl OverlayWrite {
+    fn range(&self) -> (u64, u64) {
+        match self {
+            OverlayWrite::Sector { offset, data } => {
+                (*offset, offset.saturating_add(data.len() as u64))
+            }
+            OverlayWrite::Zeros { offset, len } => (*offset, offset.saturating_add(*len)),
+        }
+    }
+}
+
+/// The file plus the replayed log writes, applied in log order on every read.
+#[derive(Debug, Clone)]
+pub(crate) struct Source {
+    file: ImageFile,
+    writes: Vec<OverlayWrite>,
+    /// The file's length once replayed (the log may extend it, see `LastFileOffset`).
+    len: u64,
+}
+
+impl Source {
+    /// The file as it is.
+    pub(crate) fn plain(file: ImageFile) -> Self {
+        let len = file.len();
+        Self {
+            file,
+            writes: Vec::new(),
+            len,
+        }
+    }
+
+    /// The file with replayed writes; `min_len` is the length the log says the file has.
+    pub(crate) fn with_overlay(file: ImageFile, writes: Vec<OverlayWrite>, min_len: u64) -> Self {
+        let len = file.len().max(min_len);
+        Self { file, writes, len }
+    }
+
+    /// The file's name for errors.
+    pub(crate) fn name(&self) -> &str {
+        self.file.name()
+    }
+
+    /// Length after replay.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Reads `structure` at `offset`, with the log replayed.
+    pub(crate) fn read(&self, buf: &mut [u8], offset: u64, structure: &'static str) -> Result<()> {
+        let end = offset.checked_add(buf.len() as u64);
+        let Some(end) = end.filter(|&e| e <= self.len) else {
+            return Err(Error::Truncated {
+                file: self.file.name().to_owned(),
+                structure,
+                offset,
+                needed: buf.len() as u64,
+                file_len: self.len,
+            });
+        };
+        let in_file = usize::try_from(self.file.len().saturating_sub(offset))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let (head, tail) = buf.split_at_mut(in_file);
+        self.file.read(head, offset, structure)?;
+        tail.fill(0);
+        for w in &self.writes {
+            let (ws, we) = w.range();
+            if we <= offset || ws >= end {
+                continue;
+            }
+            let (from, to) = (ws.max(offset), we.min(end));
+            let dst = &mut buf[idx(from - offset)..idx(to - offset)];
+            match w {
+                OverlayWrite::Sector { data, .. } => {
+                    dst.copy_from_slice(&data[idx(from - ws)..idx(to - ws)])
+                }
+                OverlayWrite::Zeros { .. } => dst.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a structure into a new vector; `len` must be bounded by the caller.
+    pub(crate) fn read_vec(
+        &self,
+        len: usize,
+        offset: u64,
+        structure: &'static str,
+    ) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read(&mut buf, offset, structure)?;
+        Ok(buf)
+    }
+}
+
+/// A difference of two offsets inside one read buffer, which fits in `usize` by
+/// construction (the buffer exists).
+fn idx(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_applies_in_order_and_extends_the_file() {
+        let file = ImageFile::from_bytes("f", vec![1u8; 8192]);
+        let writes = vec![
+            OverlayWrite::Sector {
+                offset: 4096,
+                data: vec![7u8; 4096].into_boxed_slice(),
+            },
+            OverlayWrite::Zeros {
+                offset: 6000,
+                len: 100,
+            },
+            OverlayWrite::Sector {
+                offset: 8192,
+                data: vec![9u8; 4096].into_boxed_slice(),
+            },
+        ];
+        let s = Source::with_overlay(file, writes, 16384);
+        let b = s.read_vec(16384, 0, "x").unwrap();
+        assert_eq!(b[4095], 1);
+        assert_eq!(b[4096], 7);
+        assert_eq!(b[6000], 0);
+        assert_eq!(b[6100], 7);
+        assert_eq!(b[8192], 9);
+        assert_eq!(b[12288], 0);
+        assert!(s.read_vec(1, 16384, "x").is_err());
+    }
+}
