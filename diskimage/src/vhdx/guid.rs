@@ -88,6 +88,7 @@ pub(crate) fn random() -> Guid {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

@@ -169,6 +169,7 @@ pub(crate) fn read_current(file: &ImageFile, warnings: &mut Vec<String>) -> Resu
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

@@ -332,6 +332,7 @@ pub(crate) fn encode_entry(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

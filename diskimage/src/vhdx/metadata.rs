@@ -338,6 +338,7 @@ fn guid_of(b: &[u8]) -> Guid {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::io::ImageFile;

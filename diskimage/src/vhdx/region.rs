@@ -173,6 +173,7 @@ fn parse(name: &str, buf: &[u8], at: u64) -> Result<Regions> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::io::ImageFile;

@@ -115,6 +115,7 @@ fn idx(v: u64) -> usize {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

@@ -1,6 +1,6 @@
 //! Test images built by hand from the specification (differencing images, logs, lies),
 //! which no tool we have can make, and the tests that read them.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use super::MIB;
 use super::guid::{self, Guid};
@@ -130,6 +130,7 @@ pub(crate) fn build(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
     use std::io::Cursor;
     use std::sync::Arc;
