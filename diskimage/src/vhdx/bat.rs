@@ -176,13 +176,16 @@ impl Bat {
         Ok(())
     }
 
-    /// A reader of entries that fetches the BAT in pieces.
-    pub(crate) fn cursor<'a>(&'a self, src: &'a Source) -> Cursor<'a> {
+    /// A reader of entries that fetches the BAT in pieces, reading ahead no further than
+    /// the entry of `last_block` (so a small read does not fetch a whole piece).
+    pub(crate) fn cursor<'a>(&'a self, src: &'a Source, last_block: u64) -> Cursor<'a> {
+        let limit = self.geometry.payload_index(last_block).saturating_add(1);
         Cursor {
             bat: self,
             src,
             first: 0,
             piece: Vec::new(),
+            limit,
         }
     }
 
@@ -254,6 +257,7 @@ pub(crate) struct Cursor<'a> {
     src: &'a Source,
     first: u64,
     piece: Vec<u64>,
+    limit: u64,
 }
 
 impl Cursor<'_> {
@@ -279,7 +283,10 @@ impl Cursor<'_> {
         if let Some(i) = in_piece {
             return Ok(self.piece[usize::try_from(i).unwrap_or(0)]);
         }
-        let count = PIECE_ENTRIES.min(self.bat.geometry.entries - index);
+        let wanted = self.limit.saturating_sub(index).max(1);
+        let count = PIECE_ENTRIES
+            .min(self.bat.geometry.entries - index)
+            .min(wanted);
         let raw = self.src.read_vec(
             usize::try_from(count * 8).unwrap_or(0),
             self.bat.entry_offset(index),

@@ -64,7 +64,9 @@ pub(crate) fn replay(
         ));
     }
     let log = file.read_vec(usize::try_from(length).unwrap_or(0), offset, "VHDX log")?;
-    let Some(active) = find_active(&log, &header.log_guid) else {
+    let active = find_active(&log, &header.log_guid)
+        .map_err(|reason| Error::corrupt(file.name(), "VHDX log", offset, reason))?;
+    let Some(active) = active else {
         warnings.push(
             "the header names a log but it holds no valid entry sequence: nothing replayed".into(),
         );
@@ -224,11 +226,12 @@ fn collect_writes(log: &[u8], at: usize, writes: &mut Vec<OverlayWrite>) {
 /// increasing sequence numbers whose last entry (the head) has the highest sequence
 /// number and whose head's tail points into the chain. Returns the entries from the tail
 /// to the head, in order.
-fn find_active(log: &[u8], log_guid: &Guid) -> Option<Vec<usize>> {
+fn find_active(log: &[u8], log_guid: &Guid) -> std::result::Result<Option<Vec<usize>>, String> {
     let sectors = log.len() / LOG_SECTOR;
     // Each sector offset is validated once. The CRC work is bounded: an entry is at most
     // the log's length, and we stop paying once more than a few logs' worth was summed
-    // (real logs hold non-overlapping entries, so they never come close).
+    // (real logs hold non-overlapping entries, so they never come close): past that the
+    // log is refused rather than replayed from a guess.
     let mut budget = log.len().saturating_mul(8);
     let mut entries: Vec<Option<Entry>> = Vec::with_capacity(sectors);
     for s in 0..sectors {
@@ -238,9 +241,12 @@ fn find_active(log: &[u8], log_guid: &Guid) -> Option<Vec<usize>> {
         let claimed = usize::try_from(le::u32(head, 8))
             .unwrap_or(usize::MAX)
             .min(log.len());
-        if !plausible || claimed > budget {
+        if !plausible {
             entries.push(None);
             continue;
+        }
+        if claimed > budget {
+            return Err("more overlapping entry headers than a log can hold".into());
         }
         budget -= claimed;
         entries.push(parse(log, at, log_guid));
@@ -269,7 +275,7 @@ fn find_active(log: &[u8], log_guid: &Guid) -> Option<Vec<usize>> {
             best = Some((prev.sequence, chain.split_off(from)));
         }
     }
-    best.map(|(_, chain)| chain)
+    Ok(best.map(|(_, chain)| chain))
 }
 
 /// Encodes one log entry (for tests and tools): `writes` of whole 4 KiB sectors or zero
@@ -374,7 +380,7 @@ mod tests {
         );
         let stale = encode_entry(&G, 2, 65536, 0, &[sector_of(9)]);
         let log = log_with(&[(0, e4), (8192, e5), (16384, e6), (65536, stale)]);
-        assert_eq!(find_active(&log, &G), Some(vec![8192, 16384]));
+        assert_eq!(find_active(&log, &G), Ok(Some(vec![8192, 16384])));
         let mut writes = Vec::new();
         collect_writes(&log, 8192, &mut writes);
         let OverlayWrite::Sector { data, offset } = &writes[0] else {
@@ -389,13 +395,21 @@ mod tests {
     #[test]
     fn rejects_bad_crc_wrong_guid_and_broken_sequences() {
         let mut e = encode_entry(&G, 3, 0, 0, &[sector_of(1)]);
-        assert!(find_active(&log_with(&[(0, e.clone())]), &G).is_some());
-        assert!(find_active(&log_with(&[(0, e.clone())]), &[6; 16]).is_none());
+        assert!(
+            find_active(&log_with(&[(0, e.clone())]), &G)
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            find_active(&log_with(&[(0, e.clone())]), &[6; 16])
+                .unwrap()
+                .is_none()
+        );
         e[5000] ^= 1;
-        assert!(find_active(&log_with(&[(0, e)]), &G).is_none());
+        assert!(find_active(&log_with(&[(0, e)]), &G).unwrap().is_none());
         // The head's tail points outside its chain.
         let e = encode_entry(&G, 3, 65536, 0, &[sector_of(1)]);
-        assert!(find_active(&log_with(&[(0, e)]), &G).is_none());
+        assert!(find_active(&log_with(&[(0, e)]), &G).unwrap().is_none());
     }
 
     #[test]
@@ -405,6 +419,19 @@ mod tests {
         let at = MIB as usize - 4096;
         log[at..].copy_from_slice(&e[..4096]);
         log[..4096].copy_from_slice(&e[4096..]);
-        assert_eq!(find_active(&log, &G), Some(vec![at]));
+        assert_eq!(find_active(&log, &G), Ok(Some(vec![at])));
+    }
+
+    #[test]
+    fn a_log_of_overlapping_whole_log_entries_is_refused() {
+        // Every sector claims to start a log-long entry: summing them all would cost
+        // 256 MiB of CRC for a 1 MiB log.
+        let mut log = vec![0u8; MIB as usize];
+        for at in (0..log.len()).step_by(LOG_SECTOR) {
+            log[at..at + 4].copy_from_slice(ENTRY_SIGNATURE);
+            log[at + 8..at + 12].copy_from_slice(&(MIB as u32).to_le_bytes());
+            log[at + 32..at + 48].copy_from_slice(&G);
+        }
+        assert!(find_active(&log, &G).is_err());
     }
 }

@@ -95,8 +95,10 @@ impl VhdxLayer {
         mut f: impl FnMut(u64, u64, Piece) -> Result<()>,
     ) -> Result<()> {
         let g = self.geometry;
-        let mut cursor = self.bat.cursor(&self.src);
         let end = offset + len;
+        let mut cursor = self
+            .bat
+            .cursor(&self.src, end.saturating_sub(1) / g.block_size);
         let mut pos = offset;
         while pos < end {
             let block = pos / g.block_size;

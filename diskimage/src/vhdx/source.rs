@@ -1,6 +1,8 @@
 //! The image file as seen after log replay: the file's bytes with the replayed log
 //! sectors laid over them, read without ever writing the file.
 
+use std::collections::BTreeMap;
+
 use crate::error::{Error, Result};
 use crate::io::ImageFile;
 
@@ -13,22 +15,20 @@ pub(crate) enum OverlayWrite {
     Zeros { offset: u64, len: u64 },
 }
 
-impl OverlayWrite {
-    fn range(&self) -> (u64, u64) {
-        match self {
-            OverlayWrite::Sector { offset, data } => {
-                (*offset, offset.saturating_add(data.len() as u64))
-            }
-            OverlayWrite::Zeros { offset, len } => (*offset, offset.saturating_add(*len)),
-        }
-    }
+/// A replayed range of the file: its bytes, or zeros when `data` is `None`.
+#[derive(Debug, Clone)]
+struct Segment {
+    end: u64,
+    data: Option<Box<[u8]>>,
 }
 
-/// The file plus the replayed log writes, applied in log order on every read.
+/// The file plus the replayed log writes. The writes are folded at open into
+/// non-overlapping segments (a later write replaces what it covers of earlier ones), so a
+/// read looks up only the segments it touches.
 #[derive(Debug, Clone)]
 pub(crate) struct Source {
     file: ImageFile,
-    writes: Vec<OverlayWrite>,
+    segments: BTreeMap<u64, Segment>,
     /// The file's length once replayed (the log may extend it, see `LastFileOffset`).
     len: u64,
 }
@@ -39,15 +39,65 @@ impl Source {
         let len = file.len();
         Self {
             file,
-            writes: Vec::new(),
+            segments: BTreeMap::new(),
             len,
         }
     }
 
-    /// The file with replayed writes; `min_len` is the length the log says the file has.
+    /// The file with `writes` replayed in order; `min_len` is the length the log says the
+    /// file has.
     pub(crate) fn with_overlay(file: ImageFile, writes: Vec<OverlayWrite>, min_len: u64) -> Self {
         let len = file.len().max(min_len);
-        Self { file, writes, len }
+        let mut source = Self {
+            file,
+            segments: BTreeMap::new(),
+            len,
+        };
+        for w in writes {
+            match w {
+                OverlayWrite::Sector { offset, data } => {
+                    let end = offset.saturating_add(data.len() as u64);
+                    source.insert(offset, end, Some(data));
+                }
+                OverlayWrite::Zeros { offset, len } => {
+                    source.insert(offset, offset.saturating_add(len), None)
+                }
+            }
+        }
+        source
+    }
+
+    /// Lays `[start, end)` over the segments, trimming those it covers.
+    fn insert(&mut self, start: u64, end: u64, data: Option<Box<[u8]>>) {
+        if start >= end {
+            return;
+        }
+        let overlapping: Vec<u64> = self
+            .segments
+            .range(..end)
+            .rev()
+            .take_while(|(_, seg)| seg.end > start)
+            .map(|(&k, _)| k)
+            .collect();
+        for k in overlapping {
+            let Some(seg) = self.segments.remove(&k) else {
+                continue;
+            };
+            let part = |from: u64, to: u64| Segment {
+                end: to,
+                data: seg
+                    .data
+                    .as_ref()
+                    .map(|d| d[idx(from - k)..idx(to - k)].into()),
+            };
+            if k < start {
+                self.segments.insert(k, part(k, start));
+            }
+            if seg.end > end {
+                self.segments.insert(end, part(end, seg.end));
+            }
+        }
+        self.segments.insert(start, Segment { end, data });
     }
 
     /// The file's name for errors.
@@ -78,18 +128,17 @@ impl Source {
         let (head, tail) = buf.split_at_mut(in_file);
         self.file.read(head, offset, structure)?;
         tail.fill(0);
-        for w in &self.writes {
-            let (ws, we) = w.range();
-            if we <= offset || ws >= end {
-                continue;
-            }
-            let (from, to) = (ws.max(offset), we.min(end));
+        for (&ws, seg) in self
+            .segments
+            .range(..end)
+            .rev()
+            .take_while(|(_, seg)| seg.end > offset)
+        {
+            let (from, to) = (ws.max(offset), seg.end.min(end));
             let dst = &mut buf[idx(from - offset)..idx(to - offset)];
-            match w {
-                OverlayWrite::Sector { data, .. } => {
-                    dst.copy_from_slice(&data[idx(from - ws)..idx(to - ws)])
-                }
-                OverlayWrite::Zeros { .. } => dst.fill(0),
+            match &seg.data {
+                Some(data) => dst.copy_from_slice(&data[idx(from - ws)..idx(to - ws)]),
+                None => dst.fill(0),
             }
         }
         Ok(())
@@ -145,5 +194,28 @@ mod tests {
         assert_eq!(b[8192], 9);
         assert_eq!(b[12288], 0);
         assert!(s.read_vec(1, 16384, "x").is_err());
+        // A zero range cut into by later sectors, then a sector partly zeroed again.
+        let file = ImageFile::from_bytes("f", vec![1u8; 32768]);
+        let writes = vec![
+            OverlayWrite::Zeros {
+                offset: 0,
+                len: 32768,
+            },
+            OverlayWrite::Sector {
+                offset: 8192,
+                data: vec![3u8; 4096].into_boxed_slice(),
+            },
+            OverlayWrite::Zeros {
+                offset: 10000,
+                len: 100,
+            },
+        ];
+        let s = Source::with_overlay(file, writes, 0);
+        let b = s.read_vec(32768, 0, "x").unwrap();
+        assert!(b[..8192].iter().all(|&x| x == 0) && b[12288..].iter().all(|&x| x == 0));
+        assert_eq!(
+            (b[8192], b[9999], b[10000], b[10099], b[10100], b[12287]),
+            (3, 3, 0, 0, 3, 3)
+        );
     }
 }

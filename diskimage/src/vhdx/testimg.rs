@@ -23,6 +23,7 @@ pub(crate) struct Spec {
     pub locator: Option<Vec<(&'static str, String)>>,
     pub data_write_guid: Guid,
     pub log_guid: Guid,
+    pub bat_len: u64,
 }
 
 impl Spec {
@@ -34,6 +35,7 @@ impl Spec {
             locator: None,
             data_write_guid: [0xD1; 16],
             log_guid: guid::ZERO,
+            bat_len: MIB,
         }
     }
 }
@@ -70,7 +72,7 @@ pub(crate) fn build(
             BAT_GUID,
             Region {
                 offset: BAT_AT,
-                length: MIB,
+                length: spec.bat_len,
             },
         ),
         (
@@ -389,6 +391,49 @@ mod tests {
             *b = u8::try_from((i * 7919) % 251).unwrap();
         }
         assert!(layer(junk).is_err());
+    }
+
+    #[test]
+    fn large_bat_is_read_lazily_and_checked_where_used() {
+        // 2 TiB in 1 MiB blocks: 2 Mi entries + 511 bitmap entries, a 16 MiB BAT, more
+        // than is read whole at open.
+        let size = 2u64 << 40;
+        let mut spec = Spec::base(1 << 20, size);
+        spec.bat_len = 17 * MIB;
+        let payload = 20 * MIB;
+        let last_block = size / MIB - 1;
+        let last_index = last_block + last_block / 4096;
+        let bat = [
+            (0, payload | FULL),
+            (last_index, (payload + MIB) | FULL),
+            (5000, (400 * MIB) | FULL),
+        ];
+        let patches = [
+            (payload, vec![1u8; 512]),
+            (payload + 2 * MIB - 512, vec![2u8; 512]),
+        ];
+        let l = layer(build(&spec, &bat, &patches, payload + 2 * MIB)).unwrap();
+        let mut b = [0u8; 512];
+        l.read_at(&mut b, size - 512).unwrap();
+        assert_eq!(b, [2; 512]);
+        l.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [1; 512]);
+        let map = l.map_range(size - 8 * MIB, 8 * MIB).unwrap();
+        assert_eq!(
+            map.iter().map(|e| (e.offset, e.kind)).collect::<Vec<_>>(),
+            vec![
+                (size - 8 * MIB, ExtentKind::Unallocated),
+                (size - MIB, ExtentKind::Data)
+            ]
+        );
+        // Entry 5000 (block 4999, past the first bitmap entry at 4096) lies past the
+        // end of the file: found when that block is used, not at open.
+        let err = l.map_range(4999 * MIB, MIB).unwrap_err();
+        assert!(
+            matches!(err, Error::Corrupt { structure: "VHDX BAT entry", offset, .. } if offset == BAT_AT + 5000 * 8),
+            "{err}"
+        );
+        assert!(l.map_range(4998 * MIB, MIB).is_ok());
     }
 
     /// An image whose BAT says block 0 is not present, with a log that allocates it and
