@@ -116,11 +116,18 @@ pub(crate) struct Bat {
     offset: u64,
     geometry: Geometry,
     cache: Option<Vec<u64>>,
+    /// The regions no block may overlap (BAT, metadata, log), as `[start, end)`.
+    reserved: Vec<(u64, u64)>,
 }
 
 impl Bat {
     /// Checks the region can hold the entries and, for a small BAT, reads and checks them all.
-    pub(crate) fn open(src: &Source, region: Region, geometry: Geometry) -> Result<Self> {
+    pub(crate) fn open(
+        src: &Source,
+        region: Region,
+        geometry: Geometry,
+        others: &[Region],
+    ) -> Result<Self> {
         let bytes = geometry.entries.saturating_mul(8);
         if bytes > region.length {
             return Err(Error::corrupt(
@@ -146,6 +153,10 @@ impl Bat {
             offset: region.offset,
             geometry,
             cache: None,
+            reserved: std::iter::once(&region)
+                .chain(others)
+                .map(|r| (r.offset, r.offset.saturating_add(r.length)))
+                .collect(),
         };
         if bytes <= CACHE_LIMIT {
             let raw = src.read_vec(
@@ -217,6 +228,7 @@ impl Bat {
                     ),
                 ));
             }
+            self.check_overlap(src, index, off, self.geometry.block_size)?;
             Ok(off)
         };
         match state {
@@ -230,6 +242,24 @@ impl Bat {
         }
     }
 
+    /// Refuses a block or bitmap placed over the BAT, the metadata or the log: reading
+    /// it would return table bytes as disk content.
+    fn check_overlap(&self, src: &Source, index: u64, off: u64, len: u64) -> Result<()> {
+        let end = off.saturating_add(len);
+        if self
+            .reserved
+            .iter()
+            .any(|&(s, e)| s < e && off < e && s < end)
+        {
+            return Err(self.corrupt(
+                src,
+                index,
+                format!("block at {off} overlaps the BAT, metadata or log region"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Decodes sector bitmap entry `index`: the bitmap block's offset if present.
     pub(crate) fn bitmap(&self, src: &Source, index: u64, raw: u64) -> Result<Option<u64>> {
         let offset = (raw >> OFFSET_SHIFT) << OFFSET_SHIFT;
@@ -238,6 +268,7 @@ impl Bat {
             SB_BLOCK_PRESENT
                 if offset >= MIB && offset.saturating_add(BITMAP_BLOCK_SIZE) <= src.len() =>
             {
+                self.check_overlap(src, index, offset, BITMAP_BLOCK_SIZE)?;
                 Ok(Some(offset))
             }
             SB_BLOCK_PRESENT => Err(self.corrupt(

@@ -4,6 +4,7 @@
 use rehost_core::{ExtentKind, MapExtent};
 
 use super::bat::{BITMAP_BLOCK_SIZE, Bat, Block, Geometry};
+use super::region::Region;
 use super::source::Source;
 use super::{guid, header, log, metadata, region};
 use crate::error::{Error, Result};
@@ -58,7 +59,11 @@ impl VhdxLayer {
         }
         let meta = metadata::read(&src, regions.metadata)?;
         let geometry = Geometry::of(&meta);
-        let bat = Bat::open(&src, regions.bat, geometry)?;
+        let log_region = Region {
+            offset: header.log_offset,
+            length: u64::from(header.log_length),
+        };
+        let bat = Bat::open(&src, regions.bat, geometry, &[regions.metadata, log_region])?;
         let parent = meta
             .has_parent
             .then(|| parent_ref(src.name(), &meta.parent_locator))

@@ -344,6 +344,9 @@ mod tests {
             let err = layer(build(&spec, &[(0, raw)], &[], PAYLOAD_AT + MIB)).unwrap_err();
             assert!(matches!(err, Error::Corrupt { .. }), "{err}");
         }
+        // A block placed over the metadata region (2 MiB).
+        let err = layer(build(&spec, &[(0, (2 * MIB) | FULL)], &[], PAYLOAD_AT)).unwrap_err();
+        assert!(err.to_string().contains("overlaps"), "{err}");
         // Block size 3 MiB; virtual size 2^60.
         for (bs, size) in [(3u32 << 20, 2 * MIB), (1 << 20, 1 << 60)] {
             let err = layer(build(&Spec::base(bs, size), &[], &[], PAYLOAD_AT)).unwrap_err();
