@@ -262,3 +262,101 @@ fn parent_ref(name: &str, pairs: &[(String, String)]) -> Result<ParentRef> {
         expected_id: Some(ImageId::VhdxDataWriteGuid(expected)),
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::super::bat::{PAYLOAD_BLOCK_PARTIALLY_PRESENT, SB_BLOCK_PRESENT};
+    use super::super::metadata::HAS_PARENT;
+    use super::super::testimg::{PAYLOAD_AT, Spec, build};
+    use super::super::{MIB, guid};
+    use super::*;
+
+    #[test]
+    fn partial_blocks_with_4k_sectors() {
+        // 4096-byte sectors, 1 MiB blocks: chunk ratio 2^23 * 4096 / 2^20 = 32768, so the
+        // first sector bitmap entry is index 32768; block 1's bits start at 256.
+        let mut spec = Spec::base(1 << 20, 3 * MIB);
+        spec.sector = 4096;
+        spec.flags = HAS_PARENT;
+        spec.locator = Some(vec![
+            ("parent_linkage", guid::format(&[4; 16])),
+            ("relative_path", "p.vhdx".into()),
+        ]);
+        let bat = [
+            (1, PAYLOAD_AT | PAYLOAD_BLOCK_PARTIALLY_PRESENT),
+            (32768, (PAYLOAD_AT + MIB) | SB_BLOCK_PRESENT),
+        ];
+        let mut bitmap = vec![0u8; 33];
+        bitmap[32] = 0b1001;
+        let patches = [(PAYLOAD_AT, vec![0xCC; 16384]), (PAYLOAD_AT + MIB, bitmap)];
+        let layer = VhdxLayer::open(ImageFile::from_bytes(
+            "c.vhdx",
+            build(&spec, &bat, &patches, PAYLOAD_AT + 2 * MIB),
+        ))
+        .unwrap();
+        let parent = layer.info().parent.clone().unwrap();
+        assert_eq!(parent.candidates, vec!["p.vhdx"]);
+        assert_eq!(
+            parent.expected_id,
+            Some(ImageId::VhdxDataWriteGuid([4; 16]))
+        );
+        let map: Vec<_> = layer
+            .map_range(0, 3 * MIB)
+            .unwrap()
+            .iter()
+            .map(|e| (e.offset, e.kind))
+            .collect();
+        assert_eq!(
+            map,
+            vec![
+                (0, ExtentKind::Unallocated),
+                (MIB, ExtentKind::Data),
+                (MIB + 4096, ExtentKind::Unallocated),
+                (MIB + 12288, ExtentKind::Data),
+                (MIB + 16384, ExtentKind::Unallocated),
+            ]
+        );
+        let mut buf = vec![9u8; 16384];
+        layer.read_at(&mut buf, MIB).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0xCC) && buf[12288..].iter().all(|&b| b == 0xCC));
+        assert!(buf[4096..12288].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn parent_locator_needs_linkage_and_a_path() {
+        let pairs = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<Vec<_>>()
+        };
+        assert!(parent_ref("c", &pairs(&[("relative_path", "p.vhdx")])).is_err());
+        assert!(
+            parent_ref(
+                "c",
+                &pairs(&[("parent_linkage", "nonsense"), ("relative_path", "p")])
+            )
+            .is_err()
+        );
+        assert!(
+            parent_ref(
+                "c",
+                &pairs(&[("parent_linkage", "{00000000-0000-0000-0000-000000000001}")])
+            )
+            .is_err()
+        );
+        let r = parent_ref(
+            "c",
+            &pairs(&[
+                ("parent_linkage", "{00000000-0000-0000-0000-000000000001}"),
+                ("volume_path", "\\\\?\\Volume{x}\\d\\p.vhdx"),
+                ("absolute_win32_path", "D:\\d\\p.vhdx"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            r.candidates,
+            vec!["D:/d/p.vhdx", "//?/Volume{x}/d/p.vhdx", "p.vhdx"]
+        );
+    }
+}

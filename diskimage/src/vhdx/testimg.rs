@@ -24,6 +24,7 @@ pub(crate) struct Spec {
     pub data_write_guid: Guid,
     pub log_guid: Guid,
     pub bat_len: u64,
+    pub sector: u32,
 }
 
 impl Spec {
@@ -36,6 +37,7 @@ impl Spec {
             data_write_guid: [0xD1; 16],
             log_guid: guid::ZERO,
             bat_len: MIB,
+            sector: 512,
         }
     }
 }
@@ -102,7 +104,7 @@ pub(crate) fn build(
         (
             metadata::LOGICAL_SECTOR_SIZE,
             vd,
-            512u32.to_le_bytes().to_vec(),
+            spec.sector.to_le_bytes().to_vec(),
         ),
         (
             metadata::PHYSICAL_SECTOR_SIZE,
