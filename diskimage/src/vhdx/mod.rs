@@ -12,6 +12,8 @@ mod log;
 mod metadata;
 mod reader;
 mod region;
+#[cfg(test)]
+mod robustness;
 mod source;
 #[cfg(test)]
 mod testimg;
