@@ -25,7 +25,10 @@ pub struct StreamReader<R: Read> {
 impl<R: Read> StreamReader<R> {
     /// Reads the header; `name` is used in errors.
     pub fn new(_input: R, name: String) -> Result<Self> {
-        Err(Error::unsupported(&name, "streamOptimized stream reader not yet built"))
+        Err(Error::unsupported(
+            &name,
+            "streamOptimized stream reader not yet built",
+        ))
     }
 
     /// What the header said.
