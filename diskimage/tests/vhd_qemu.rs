@@ -1,6 +1,7 @@
 //! VHD cross-checks with qemu-img: images qemu makes decode through our reader to exactly
 //! qemu's raw output, and images we write are read by qemu as the disk we were given.
-#![allow(clippy::unwrap_used)]
+// The shared tests/common helpers truncate on purpose (seeded byte patterns).
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::path::Path;
 
 use common::{our_sha256, pattern_raw, qemu_img, qemu_sha256};
 use rehost_diskimage::write::{OutputFormat, convert, convert_delta, create, parent_link};
-use rehost_diskimage::{Disk, Error, ExtentKind, Format, Layer};
+use rehost_diskimage::{Disk, Error, ExtentKind, Format};
 
 /// The virtual size `qemu-img info` reports.
 fn qemu_virtual_size(image: &Path) -> u64 {

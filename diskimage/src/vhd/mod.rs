@@ -9,6 +9,8 @@ mod dynamic_header;
 mod footer;
 mod locator;
 mod reader;
+#[cfg(test)]
+mod tests;
 mod writer;
 
 use crate::sink::ParentLink;
