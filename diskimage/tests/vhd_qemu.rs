@@ -255,3 +255,52 @@ fn differencing_chain_we_write_reads_back_through_its_parent() {
     let err = Disk::open(moved.path().join("child.vhd").to_str().unwrap()).unwrap_err();
     assert!(matches!(err, Error::ParentNotFound { .. }), "{err}");
 }
+
+/// Rewrites both footers of a dynamic VHD with another creator and current size.
+fn patch_footers(path: &Path, creator: &[u8; 4], current_size: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = bytes.len();
+    for at in [0, n - 512] {
+        let f = &mut bytes[at..at + 512];
+        f[28..32].copy_from_slice(creator);
+        f[48..56].copy_from_slice(&current_size.to_be_bytes());
+        f[64..68].fill(0);
+        let sum = f.iter().fold(0u32, |a, &b| a.wrapping_add(u32::from(b)));
+        f[64..68].copy_from_slice(&(!sum).to_be_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn size_comes_from_geometry_or_current_size_as_qemu_decides() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = sparse_pattern_raw(dir.path(), "in.raw", 5_000_000, 99);
+    // CHS of what qemu writes for 5,000,000 bytes: 144 * 4 * 17 sectors.
+    let chs_size = 144 * 4 * 17 * 512;
+    for (creator, expected) in [
+        (b"qemu", chs_size),
+        (b"vpc ", chs_size),
+        (b"win ", 4 << 20),
+        (b"wa\0\0", 4 << 20),
+    ] {
+        let vhd = dir.path().join("patched.vhd");
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vpc",
+            raw.to_str().unwrap(),
+            vhd.to_str().unwrap(),
+        ]);
+        patch_footers(&vhd, creator, 4 << 20);
+        let disk = Disk::open(vhd.to_str().unwrap()).unwrap();
+        assert_eq!(disk.virtual_size(), expected, "{creator:?}");
+        assert_eq!(qemu_virtual_size(&vhd), expected, "{creator:?}");
+        assert_eq!(
+            our_sha256(&vhd),
+            qemu_sha256(&vhd, Some("vpc")),
+            "{creator:?}"
+        );
+    }
+}
