@@ -426,6 +426,24 @@ fn fixed_writer_puts_the_footer_after_the_data() {
 }
 
 #[test]
+fn fixed_writer_leaves_zero_pieces_as_holes() {
+    const K64: usize = 64 << 10;
+    let mut bytes = vec![0x21u8; 4 * K64];
+    bytes[K64..2 * K64].fill(0);
+    bytes[4 * K64 - 1] = 0;
+    let (out, summary) = write(
+        VhdKind::Fixed,
+        4 * K64 as u64,
+        vec![Extent::Data {
+            offset: 0,
+            data: Bytes::from(bytes.clone()),
+        }],
+    );
+    assert_eq!(summary.data_bytes, 3 * K64 as u64);
+    assert_eq!(out[..4 * K64], bytes[..]);
+}
+
+#[test]
 fn dynamic_writer_stores_only_blocks_with_data() {
     const MIB: u64 = 1 << 20;
     let size = 4 * MIB + 4096;

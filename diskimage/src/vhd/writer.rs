@@ -126,16 +126,31 @@ impl<W: Write + Seek> VhdWriter<W> {
         self.out.write_all(bytes).map_err(err)
     }
 
+    /// Writes a fixed disk's data in place, skipping zero pieces (left as holes) and
+    /// writing each run of non-zero pieces at once.
     fn put_fixed(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        let mut at = offset;
+        let mut run: Option<usize> = None;
+        let mut pos = 0usize;
         for piece in data.chunks(FIXED_ZERO_CHECK) {
-            if !is_zero(piece) {
-                self.write_at(at, piece, "VHD data")?;
-                self.data_bytes += piece.len() as u64;
+            match (is_zero(piece), run) {
+                (false, None) => run = Some(pos),
+                (true, Some(start)) => {
+                    self.write_fixed_run(offset + start as u64, &data[start..pos])?;
+                    run = None;
+                }
+                _ => {}
             }
-            at += piece.len() as u64;
+            pos += piece.len();
         }
-        Ok(())
+        match run {
+            Some(start) => self.write_fixed_run(offset + start as u64, &data[start..]),
+            None => Ok(()),
+        }
+    }
+
+    fn write_fixed_run(&mut self, at: u64, run: &[u8]) -> Result<()> {
+        self.data_bytes += run.len() as u64;
+        self.write_at(at, run, "VHD data")
     }
 
     /// Stores `[offset, offset + len)` (within one block) in a sparse disk, allocating the
