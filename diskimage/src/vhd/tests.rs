@@ -583,3 +583,45 @@ fn writer_refuses_what_a_vhd_cannot_hold() {
     .unwrap();
     assert!(w.finish().is_err());
 }
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Opens, maps and reads a whole image; only clean errors are allowed.
+    fn exercise(bytes: Vec<u8>) {
+        let Ok(l) = layer(bytes) else { return };
+        let size = l.info().virtual_size_bytes.min(1 << 20);
+        if let Ok(map) = l.map_range(0, size) {
+            assert_eq!(map.iter().map(|e| e.len).sum::<u64>(), size);
+        }
+        let mut buf = vec![0u8; usize::try_from(size).unwrap()];
+        let _ = l.read_at(&mut buf, 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        /// Random bytes changed, checksums then fixed so the damage gets past them.
+        #[test]
+        fn mutated_images_never_panic(edits in proptest::collection::vec((0usize..8192, any::<u8>()), 1..6), cut in 0usize..200) {
+            let mut img = hand_built_child().build();
+            for (at, value) in edits {
+                let at = at % img.len();
+                img[at] = value;
+            }
+            let n = img.len();
+            let mut header = img[512..1536].to_vec();
+            seal(&mut header, 36);
+            put(&mut img, 512, &header);
+            for at in [0, n - 512] {
+                let mut f = img[at..at + 512].to_vec();
+                seal(&mut f, 64);
+                put(&mut img, at, &f);
+            }
+            let keep = n - cut * 7;
+            img.truncate(keep);
+            exercise(img);
+        }
+    }
+}
