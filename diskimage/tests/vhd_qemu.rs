@@ -304,3 +304,30 @@ fn size_comes_from_geometry_or_current_size_as_qemu_decides() {
         );
     }
 }
+
+#[test]
+fn blocks_qemu_io_allocates_out_of_order_decode_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let vhd = dir.path().join("io.vhd");
+    let path = vhd.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=dynamic",
+        path,
+        "7000000",
+    ]);
+    // Later blocks first, so the file's block order differs from the disk's.
+    common::qemu_io(&["-f", "vpc", "-c", "write -P 0x5a 6000000 70000", path]);
+    common::qemu_io(&["-f", "vpc", "-c", "write -P 0x11 512 1536", path]);
+    common::qemu_io(&["-f", "vpc", "-c", "write -P 0x22 2096640 1024", path]);
+    let disk = Disk::open(path).unwrap();
+    assert_eq!(disk.virtual_size(), qemu_virtual_size(&vhd));
+    assert_eq!(our_sha256(&vhd), qemu_sha256(&vhd, Some("vpc")));
+    let mut probe = [0u8; 4];
+    disk.read_at(&mut probe, 2_097_150).unwrap();
+    assert_eq!(probe, [0x22; 4], "a write across a block boundary");
+    assert!(check_map_against_bytes(&disk) > 0);
+}
