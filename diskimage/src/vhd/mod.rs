@@ -1,21 +1,22 @@
-//! VHD (Virtual PC / Azure): fixed, dynamic and differencing images.
+//! VHD (Virtual PC / Hyper-V / Azure): fixed, dynamic and differencing images, after
+//! Microsoft's "Virtual Hard Disk Image Format Specification" (October 2006).
 //!
-//! STUB: to be replaced by the real implementation.
+//! A VHD ends with a 512-byte footer. A fixed disk is the disk's bytes followed by it; a
+//! dynamic or differencing disk starts with a copy of it, then a dynamic header, a block
+//! allocation table (BAT) and blocks, each a sector bitmap followed by the block's data.
 
-use std::io::{Seek, Write};
-use std::sync::Arc;
+mod dynamic_header;
+mod footer;
+mod locator;
+mod reader;
+#[cfg(test)]
+mod tests;
+mod writer;
 
-use rehost_core::Extent;
+use crate::sink::ParentLink;
 
-use crate::error::{Error, Result};
-use crate::io::ImageFile;
-use crate::layer::Layer;
-use crate::sink::{ExtentSink, ParentLink, WriteSummary};
-
-/// Opens a VHD of any type.
-pub fn open(file: ImageFile) -> Result<Arc<dyn Layer>> {
-    Err(Error::unsupported(file.name(), "VHD reader not yet built"))
-}
+pub use reader::{VhdLayer, open};
+pub use writer::VhdWriter;
 
 /// Which VHD to write.
 #[derive(Debug, Clone)]
@@ -26,26 +27,4 @@ pub enum VhdKind {
     Dynamic,
     /// Only what differs from the parent.
     Differencing(ParentLink),
-}
-
-/// Writes a VHD.
-#[derive(Debug)]
-pub struct VhdWriter<W: Write + Seek> {
-    _out: W,
-}
-
-impl<W: Write + Seek> VhdWriter<W> {
-    /// A writer of a `virtual_size`-byte disk of the given kind.
-    pub fn new(_out: W, _virtual_size: u64, _kind: VhdKind, name: String) -> Result<Self> {
-        Err(Error::unsupported(&name, "VHD writer not yet built"))
-    }
-}
-
-impl<W: Write + Seek> ExtentSink for VhdWriter<W> {
-    fn put(&mut self, _extent: Extent) -> Result<()> {
-        unreachable!()
-    }
-    fn finish(self: Box<Self>) -> Result<WriteSummary> {
-        unreachable!()
-    }
 }
