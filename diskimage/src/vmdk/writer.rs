@@ -39,21 +39,32 @@ impl Geometry {
         let grains = capacity_sectors.div_ceil(GRAIN_SECTORS);
         let gt_count = grains.div_ceil(GTES_PER_GT);
         let gd_sectors = (gt_count * 4).div_ceil(SECTOR_SIZE);
-        Ok(Self { capacity_sectors, gt_count, gd_sectors })
+        Ok(Self {
+            capacity_sectors,
+            gt_count,
+            gd_sectors,
+        })
     }
 }
 
 /// The descriptor text zero-padded to whole sectors (at least the 20 qemu reserves).
 fn padded_descriptor(text: &str) -> Vec<u8> {
-    let sectors = (text.len() as u64).div_ceil(SECTOR_SIZE).max(DESCRIPTOR_MIN_SECTORS);
+    let sectors = (text.len() as u64)
+        .div_ceil(SECTOR_SIZE)
+        .max(DESCRIPTOR_MIN_SECTORS);
     let mut bytes = text.as_bytes().to_vec();
-    bytes.resize(usize::try_from(sectors * SECTOR_SIZE).unwrap_or(bytes.len()), 0);
+    bytes.resize(
+        usize::try_from(sectors * SECTOR_SIZE).unwrap_or(bytes.len()),
+        0,
+    );
     bytes
 }
 
 /// Bytes of the virtual disk grain `grain` covers (the last one may be short).
 fn grain_len(grain: u64, virtual_size: u64) -> u64 {
-    virtual_size.saturating_sub(grain * GRAIN_BYTES).min(GRAIN_BYTES)
+    virtual_size
+        .saturating_sub(grain * GRAIN_BYTES)
+        .min(GRAIN_BYTES)
 }
 
 /// A sector number as a 32-bit grain table or directory entry, the format's limit.
@@ -67,19 +78,37 @@ fn entry(name: &str, sector: u64) -> Result<u32> {
 }
 
 /// Turns an I/O error while writing `structure` at `offset` into ours.
-fn write_err(name: &str, structure: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> Error {
+fn write_err(
+    name: &str,
+    structure: &'static str,
+    offset: u64,
+) -> impl FnOnce(std::io::Error) -> Error {
     let file = name.to_owned();
-    move |source| Error::Io { file, op: "write", structure, offset, source }
+    move |source| Error::Io {
+        file,
+        op: "write",
+        structure,
+        offset,
+        source,
+    }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
     #[test]
     fn geometry_rounds_up() {
         let g = Geometry::new("x", 5_000_000, u64::MAX).unwrap();
-        assert_eq!(g, Geometry { capacity_sectors: 9766, gt_count: 1, gd_sectors: 1 });
+        assert_eq!(
+            g,
+            Geometry {
+                capacity_sectors: 9766,
+                gt_count: 1,
+                gd_sectors: 1
+            }
+        );
         let g = Geometry::new("x", 2 << 40, u64::MAX).unwrap();
         assert_eq!(g.gt_count, 65536);
         assert_eq!(g.gd_sectors, 512);

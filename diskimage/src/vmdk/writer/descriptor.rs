@@ -36,16 +36,25 @@ pub(crate) struct Descriptor<'a> {
 impl Descriptor<'_> {
     /// The descriptor text, laid out as qemu and VMware write it.
     pub(crate) fn render(&self) -> String {
-        let cylinders = self.sectors.div_ceil(HEADS * SECTORS_PER_TRACK).min(MAX_CYLINDERS);
+        let cylinders = self
+            .sectors
+            .div_ceil(HEADS * SECTORS_PER_TRACK)
+            .min(MAX_CYLINDERS);
         let mut s = String::new();
         s.push_str("# Disk DescriptorFile\nversion=1\n");
-        s.push_str(&format!("CID={:08x}\nparentCID={:08x}\n", self.cid, self.parent_cid));
+        s.push_str(&format!(
+            "CID={:08x}\nparentCID={:08x}\n",
+            self.cid, self.parent_cid
+        ));
         s.push_str(&format!("createType=\"{}\"\n", self.create_type));
         if let Some(hint) = self.parent_hint {
             s.push_str(&format!("parentFileNameHint=\"{hint}\"\n"));
         }
         s.push_str("\n# Extent description\n");
-        s.push_str(&format!("RW {} SPARSE \"{}\"\n", self.sectors, self.extent_file));
+        s.push_str(&format!(
+            "RW {} SPARSE \"{}\"\n",
+            self.sectors, self.extent_file
+        ));
         s.push_str("\n# The Disk Data Base\n#DDB\n\n");
         s.push_str("ddb.virtualHWVersion = \"4\"\n");
         s.push_str(&format!("ddb.geometry.cylinders = \"{cylinders}\"\n"));
@@ -73,7 +82,11 @@ pub(crate) fn random_cid() -> u32 {
     h.write_u128(nanos);
     let v = h.finish();
     let cid = u32::try_from(v & 0xffff_ffff).unwrap_or(0) ^ u32::try_from(v >> 32).unwrap_or(0);
-    if cid == CID_NO_PARENT { 0x1234_5678 } else { cid }
+    if cid == CID_NO_PARENT {
+        0x1234_5678
+    } else {
+        cid
+    }
 }
 
 /// The extent file name recorded for an output named `name` (a path): its last component.
@@ -81,7 +94,11 @@ pub(crate) fn extent_file_name(name: &str) -> Result<String> {
     let file = Path::new(name)
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
-        .ok_or_else(|| Error::InvalidInput(format!("{name}: a VMDK needs a file name for its extent line")))?;
+        .ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "{name}: a VMDK needs a file name for its extent line"
+            ))
+        })?;
     check_quotable(name, "file name", &file)?;
     Ok(file)
 }
@@ -97,6 +114,7 @@ pub(crate) fn check_quotable(name: &str, what: &str, text: &str) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
@@ -112,12 +130,19 @@ mod tests {
             tools_install_type: false,
         };
         let text = d.render();
-        assert!(text.contains("CID=aa6b57e5\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n"));
+        assert!(
+            text.contains("CID=aa6b57e5\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n")
+        );
         assert!(text.contains("RW 9766 SPARSE \"m.vmdk\"\n"));
         assert!(text.contains("ddb.geometry.cylinders = \"10\"\n"));
         assert!(!text.contains("parentFileNameHint"));
         assert!(!text.contains("toolsInstallType"));
-        let child = Descriptor { parent_cid: 7, parent_hint: Some("../b.vmdk"), tools_install_type: true, ..d };
+        let child = Descriptor {
+            parent_cid: 7,
+            parent_hint: Some("../b.vmdk"),
+            tools_install_type: true,
+            ..d
+        };
         let text = child.render();
         assert!(text.contains("parentCID=00000007\n"));
         assert!(text.contains("parentFileNameHint=\"../b.vmdk\"\n"));

@@ -2,7 +2,7 @@
 
 use rehost_core::Extent;
 
-use super::header::{GRAIN_BYTES, GTES_PER_GT};
+use super::header::{GRAIN_BYTES, GRAIN_LEN, GT_LEN, GTES_PER_GT};
 use crate::error::{Error, Result};
 
 /// What one whole grain of the stream holds.
@@ -32,7 +32,7 @@ impl GrainAssembler {
     pub(crate) fn new(virtual_size: u64) -> Self {
         Self {
             virtual_size,
-            buf: vec![0; GRAIN_BYTES as usize],
+            buf: vec![0; GRAIN_LEN],
             has_data: false,
             has_zero: false,
         }
@@ -51,7 +51,9 @@ impl GrainAssembler {
             let grain = offset / GRAIN_BYTES;
             let in_grain = offset % GRAIN_BYTES;
             let grain_start = grain * GRAIN_BYTES;
-            let grain_end = grain_start.saturating_add(GRAIN_BYTES).min(self.virtual_size);
+            let grain_end = grain_start
+                .saturating_add(GRAIN_BYTES)
+                .min(self.virtual_size);
             let piece_end = end.min(grain_end);
             match extent {
                 Extent::Data { data, .. } => {
@@ -111,7 +113,10 @@ pub(crate) struct GrainTable {
 impl GrainTable {
     /// An empty table.
     pub(crate) fn new() -> Self {
-        Self { index: None, bytes: vec![0; GTES_PER_GT as usize * 4] }
+        Self {
+            index: None,
+            bytes: vec![0; GT_LEN],
+        }
     }
 
     /// Records `value` for `grain`. If the grain belongs to another table, the held one is
@@ -145,6 +150,7 @@ impl GrainTable {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use bytes::Bytes;
@@ -179,10 +185,22 @@ mod tests {
         let out = collect(
             size,
             &[
-                Extent::Data { offset: 0, data: Bytes::from(vec![7; (g + 512) as usize]) },
-                Extent::Zero { offset: g + 512, len: g - 512 },
-                Extent::Unchanged { offset: 2 * g, len: g },
-                Extent::Data { offset: 3 * g, data: Bytes::from(vec![9; 512]) },
+                Extent::Data {
+                    offset: 0,
+                    data: Bytes::from(vec![7; (g + 512) as usize]),
+                },
+                Extent::Zero {
+                    offset: g + 512,
+                    len: g - 512,
+                },
+                Extent::Unchanged {
+                    offset: 2 * g,
+                    len: g,
+                },
+                Extent::Data {
+                    offset: 3 * g,
+                    data: Bytes::from(vec![9; 512]),
+                },
             ],
         );
         assert_eq!(
@@ -202,12 +220,24 @@ mod tests {
         let out = collect(
             2 * g,
             &[
-                Extent::Zero { offset: 0, len: g - 512 },
-                Extent::Data { offset: g - 512, data: Bytes::from(vec![5; 1024]) },
-                Extent::Zero { offset: g + 512, len: g - 512 },
+                Extent::Zero {
+                    offset: 0,
+                    len: g - 512,
+                },
+                Extent::Data {
+                    offset: g - 512,
+                    data: Bytes::from(vec![5; 1024]),
+                },
+                Extent::Zero {
+                    offset: g + 512,
+                    len: g - 512,
+                },
             ],
         );
-        assert_eq!(out, vec![(0, "data:0:5".to_string()), (1, "data:5:0".to_string())]);
+        assert_eq!(
+            out,
+            vec![(0, "data:0:5".to_string()), (1, "data:5:0".to_string())]
+        );
     }
 
     #[test]

@@ -36,10 +36,18 @@ pub(crate) const GD_AT_END: u64 = u64::MAX;
 pub(crate) const GRAIN_SECTORS: u64 = 128;
 /// Grain size in bytes.
 pub(crate) const GRAIN_BYTES: u64 = GRAIN_SECTORS * SECTOR_SIZE;
+/// [`GRAIN_BYTES`] as a buffer length.
+pub(crate) const GRAIN_LEN: usize = 64 * 1024;
+const _: () = assert!(GRAIN_LEN as u64 == GRAIN_BYTES);
 /// `numGTEsPerGT`: 512 entries per grain table (spec: fixed at 512).
 pub(crate) const GTES_PER_GT: u64 = 512;
 /// One grain table: 512 four-byte entries = 4 sectors.
 pub(crate) const GT_SECTORS: u64 = GTES_PER_GT * 4 / SECTOR_SIZE;
+/// Bytes of one grain table.
+pub(crate) const GT_LEN: usize = 2048;
+const _: () = assert!(GT_LEN as u64 == GTES_PER_GT * 4);
+/// A zero sector, for padding.
+pub(crate) const ZERO_SECTOR: [u8; 512] = [0; 512];
 /// A GTE value of 1 with [`FLAG_ZERO_GRAIN`]: the grain reads as zeros.
 pub(crate) const GTE_ZERO: u32 = 1;
 /// Sectors reserved for the embedded descriptor when it fits (what qemu reserves).
@@ -132,6 +140,7 @@ pub(crate) fn encode_grain_marker(lba: u64, compressed_len: u32) -> [u8; GRAIN_M
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
@@ -188,9 +197,10 @@ mod tests {
             compress_algorithm: 0,
         };
         let expected: [u8; 80] = [
-            0x4b, 0x44, 0x4d, 0x56, 1, 0, 0, 0, 3, 0, 0, 0, 0x26, 0x26, 0, 0, 0, 0, 0, 0, 0x80, 0, 0, 0, 0, 0, 0, 0,
-            1, 0, 0, 0, 0, 0, 0, 0, 0x14, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0x15, 0, 0, 0, 0, 0, 0, 0, 0x1a, 0, 0, 0,
-            0, 0, 0, 0, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a, 0x20, 0x0d, 0x0a, 0, 0, 0,
+            0x4b, 0x44, 0x4d, 0x56, 1, 0, 0, 0, 3, 0, 0, 0, 0x26, 0x26, 0, 0, 0, 0, 0, 0, 0x80, 0,
+            0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0x14, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0x15,
+            0, 0, 0, 0, 0, 0, 0, 0x1a, 0, 0, 0, 0, 0, 0, 0, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a,
+            0x20, 0x0d, 0x0a, 0, 0, 0,
         ];
         assert_eq!(&h.encode()[..80], &expected[..]);
     }

@@ -11,8 +11,8 @@ use rehost_core::{Extent, SECTOR_SIZE};
 use super::descriptor::{CID_NO_PARENT, Descriptor, check_quotable, extent_file_name, random_cid};
 use super::grains::{Grain, GrainAssembler, GrainTable};
 use super::header::{
-    FLAG_REDUNDANT_GT, FLAG_VALID_NEWLINE, FLAG_ZERO_GRAIN, GRAIN_BYTES, GRAIN_SECTORS, GT_SECTORS, GTE_ZERO,
-    SparseHeader, VERSION_SPARSE, VERSION_ZERO_GRAIN,
+    FLAG_REDUNDANT_GT, FLAG_VALID_NEWLINE, FLAG_ZERO_GRAIN, GRAIN_BYTES, GRAIN_SECTORS, GT_SECTORS,
+    GTE_ZERO, SparseHeader, VERSION_SPARSE, VERSION_ZERO_GRAIN, ZERO_SECTOR,
 };
 use super::{Geometry, entry, grain_len, padded_descriptor, write_err};
 use crate::error::{Error, Result};
@@ -58,7 +58,12 @@ impl<W: Write + Seek> SparseWriter<W> {
     /// A writer of a `virtual_size`-byte disk (rounded up to a sector: VMDK counts sectors),
     /// a delta child of `parent` if given; `name` (the output path) is used in errors and
     /// its file name in the descriptor. `out` is expected empty.
-    pub fn new(out: W, virtual_size: u64, parent: Option<ParentLink>, name: String) -> Result<Self> {
+    pub fn new(
+        out: W,
+        virtual_size: u64,
+        parent: Option<ParentLink>,
+        name: String,
+    ) -> Result<Self> {
         let geometry = Geometry::new(&name, virtual_size, MAX_VIRTUAL_SIZE)?;
         let parent_cid = match &parent {
             None => CID_NO_PARENT,
@@ -129,7 +134,12 @@ impl<W: Write + Seek> SparseWriter<W> {
         };
         output.write_at(0, &output.header.encode(), "header")?;
         output.write_at(SECTOR_SIZE, &descriptor, "descriptor")?;
-        output.write_directory(rgd_offset, rgt_start, geometry.gt_count, "redundant grain directory")?;
+        output.write_directory(
+            rgd_offset,
+            rgt_start,
+            geometry.gt_count,
+            "redundant grain directory",
+        )?;
         output.write_directory(gd_offset, gt_start, geometry.gt_count, "grain directory")?;
         let delta = parent.is_some();
         let alignment = if delta { GRAIN_BYTES } else { SECTOR_SIZE };
@@ -145,9 +155,13 @@ impl<W: Write + Seek> SparseWriter<W> {
 impl<W: Write + Seek> Output<W> {
     fn write_at(&mut self, offset: u64, bytes: &[u8], structure: &'static str) -> Result<()> {
         if self.position != offset {
-            self.out.seek(SeekFrom::Start(offset)).map_err(write_err(&self.name, structure, offset))?;
+            self.out
+                .seek(SeekFrom::Start(offset))
+                .map_err(write_err(&self.name, structure, offset))?;
         }
-        self.out.write_all(bytes).map_err(write_err(&self.name, structure, offset))?;
+        self.out
+            .write_all(bytes)
+            .map_err(write_err(&self.name, structure, offset))?;
         self.position = offset + bytes.len() as u64;
         self.end = self.end.max(self.position);
         Ok(())
@@ -155,7 +169,13 @@ impl<W: Write + Seek> Output<W> {
 
     /// Writes a grain directory at sector `at` whose entries point at `count` consecutive
     /// tables from sector `first_table`, in pieces so a large one is never held whole.
-    fn write_directory(&mut self, at: u64, first_table: u64, count: u64, structure: &'static str) -> Result<()> {
+    fn write_directory(
+        &mut self,
+        at: u64,
+        first_table: u64,
+        count: u64,
+        structure: &'static str,
+    ) -> Result<()> {
         const PER_PIECE: u64 = 16 * 1024;
         let mut piece = Vec::with_capacity(usize::try_from(PER_PIECE * 4).unwrap_or(0));
         let mut done = 0;
@@ -163,7 +183,9 @@ impl<W: Write + Seek> Output<W> {
             let n = PER_PIECE.min(count - done);
             piece.clear();
             for i in done..done + n {
-                piece.extend_from_slice(&entry(&self.name, first_table + i * GT_SECTORS)?.to_le_bytes());
+                piece.extend_from_slice(
+                    &entry(&self.name, first_table + i * GT_SECTORS)?.to_le_bytes(),
+                );
             }
             self.write_at((at * SECTOR_SIZE) + done * 4, &piece, structure)?;
             done += n;
@@ -192,7 +214,9 @@ impl<W: Write + Seek> Output<W> {
             Grain::Zero | Grain::Data(_) => return Ok(()),
         };
         let mut gt = std::mem::replace(&mut self.gt, GrainTable::new());
-        let result = gt.set(grain, value, &mut |index, table| self.write_table(index, table));
+        let result = gt.set(grain, value, &mut |index, table| {
+            self.write_table(index, table)
+        });
         self.gt = gt;
         result
     }
@@ -215,7 +239,9 @@ impl<W: Write + Seek> ExtentSink for SparseWriter<W> {
     fn put(&mut self, extent: Extent) -> Result<()> {
         self.cursor.advance(&extent)?;
         let (out, delta) = (&mut self.out, self.delta);
-        self.assembler.push(&extent, &mut |grain, content| out.store(grain, content, delta))
+        self.assembler.push(&extent, &mut |grain, content| {
+            out.store(grain, content, delta)
+        })
     }
 
     fn finish(self: Box<Self>) -> Result<WriteSummary> {
@@ -232,9 +258,12 @@ impl<W: Write + Seek> ExtentSink for SparseWriter<W> {
         // were never written, or readers would find them past the end of file.
         let min_end = o.header.overhead * SECTOR_SIZE;
         if o.end < min_end {
-            o.write_at(min_end - SECTOR_SIZE, &[0; SECTOR_SIZE as usize], "grain table padding")?;
+            o.write_at(min_end - SECTOR_SIZE, &ZERO_SECTOR, "grain table padding")?;
         }
         o.out.flush().map_err(write_err(&o.name, "file", o.end))?;
-        Ok(WriteSummary { data_bytes: o.data_bytes, file_bytes: o.end })
+        Ok(WriteSummary {
+            data_bytes: o.data_bytes,
+            file_bytes: o.end,
+        })
     }
 }
