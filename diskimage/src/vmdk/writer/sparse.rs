@@ -267,3 +267,185 @@ impl<W: Write + Seek> ExtentSink for SparseWriter<W> {
         })
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::io::Cursor;
+
+    fn u32_at(b: &[u8], at: u64) -> u32 {
+        let at = at as usize;
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    fn write(
+        size: u64,
+        parent: Option<ParentLink>,
+        extents: Vec<Extent>,
+    ) -> Result<(Vec<u8>, WriteSummary)> {
+        let mut buf = Cursor::new(Vec::new());
+        let mut w = Box::new(SparseWriter::new(
+            &mut buf,
+            size,
+            parent,
+            "/d/m.vmdk".into(),
+        )?);
+        for e in extents {
+            w.put(e)?;
+        }
+        let summary = (w as Box<dyn ExtentSink>).finish()?;
+        Ok((buf.into_inner(), summary))
+    }
+
+    #[test]
+    fn layout_matches_qemu_and_grains_follow_the_overhead() {
+        // 5000000 bytes: qemu puts the RGD at 21, the GD at 26 and grains at sector 128.
+        let size = 5_000_000;
+        let data = Bytes::from(vec![3u8; 1024]);
+        let (file, summary) = write(
+            size,
+            None,
+            vec![
+                Extent::Zero {
+                    offset: 0,
+                    len: 2 * GRAIN_BYTES + 512,
+                },
+                Extent::Data {
+                    offset: 2 * GRAIN_BYTES + 512,
+                    data,
+                },
+                Extent::Unchanged {
+                    offset: 2 * GRAIN_BYTES + 1536,
+                    len: size - 2 * GRAIN_BYTES - 1536,
+                },
+            ],
+        )
+        .unwrap();
+        assert_eq!(u32_at(&file, 4), 1);
+        assert_eq!(u32_at(&file, 8), 3);
+        assert_eq!(u64_at(&file, 12), 9766);
+        assert_eq!(
+            (u64_at(&file, 48), u64_at(&file, 56), u64_at(&file, 64)),
+            (21, 26, 128)
+        );
+        // Both directories point at their tables (22 and 27), both tables at the grain.
+        assert_eq!(u32_at(&file, 21 * 512), 22);
+        assert_eq!(u32_at(&file, 26 * 512), 27);
+        assert_eq!(u32_at(&file, 22 * 512 + 8), 128);
+        assert_eq!(u32_at(&file, 27 * 512 + 8), 128);
+        assert_eq!(u32_at(&file, 27 * 512 + 4), 0);
+        let grain = &file[128 * 512..129 * 512 + 65024];
+        assert!(grain[..512].iter().all(|&b| b == 0));
+        assert!(grain[512..1536].iter().all(|&b| b == 3));
+        assert!(grain[1536..].iter().all(|&b| b == 0));
+        assert_eq!(file.len() as u64, 129 * 512 + 65024);
+        assert_eq!(
+            summary,
+            WriteSummary {
+                data_bytes: GRAIN_BYTES,
+                file_bytes: file.len() as u64
+            }
+        );
+        assert!(
+            String::from_utf8_lossy(&file[512..1024]).contains("createType=\"monolithicSparse\"")
+        );
+    }
+
+    #[test]
+    fn an_empty_disk_still_reaches_the_end_of_its_tables() {
+        let size = 3 * 512 * 512 * 128 + 512; // four grain tables
+        let (file, summary) = write(
+            size,
+            None,
+            vec![Extent::Zero {
+                offset: 0,
+                len: size,
+            }],
+        )
+        .unwrap();
+        assert_eq!(summary.data_bytes, 0);
+        assert_eq!(file.len() as u64, u64_at(&file, 64) * 512);
+        assert!(
+            file[u64_at(&file, 56) as usize * 512 + 16..]
+                .iter()
+                .all(|&b| b == 0)
+        );
+    }
+
+    #[test]
+    fn zero_grains_in_a_delta_use_the_zero_grain_entry() {
+        let link = ParentLink {
+            relative_path: "p.vmdk".into(),
+            absolute_path: "/d/p.vmdk".into(),
+            id: ImageId::VmdkCid(5),
+            virtual_size_bytes: 2 * GRAIN_BYTES,
+        };
+        let (file, summary) = write(
+            2 * GRAIN_BYTES,
+            Some(link),
+            vec![
+                Extent::Zero {
+                    offset: 0,
+                    len: GRAIN_BYTES,
+                },
+                Extent::Data {
+                    offset: GRAIN_BYTES,
+                    data: Bytes::from(vec![0u8; GRAIN_BYTES as usize]),
+                },
+            ],
+        )
+        .unwrap();
+        assert_eq!((u32_at(&file, 4), u32_at(&file, 8)), (2, 7));
+        let gt = u64::from(u32_at(&file, u64_at(&file, 56) * 512)) * 512;
+        assert_eq!(
+            (u32_at(&file, gt), u32_at(&file, gt + 4)),
+            (GTE_ZERO, GTE_ZERO)
+        );
+        assert_eq!(summary.data_bytes, 0);
+    }
+
+    #[test]
+    fn misordered_streams_and_early_finish_are_rejected() {
+        let mut buf = Cursor::new(Vec::new());
+        let mut w = SparseWriter::new(&mut buf, 1 << 20, None, "m.vmdk".into()).unwrap();
+        assert_eq!(w.alignment(), 512);
+        assert!(
+            w.put(Extent::Zero {
+                offset: 512,
+                len: 512
+            })
+            .is_err()
+        );
+        w.put(Extent::Zero {
+            offset: 0,
+            len: 512,
+        })
+        .unwrap();
+        assert!(
+            w.put(Extent::Zero {
+                offset: 512,
+                len: 1 << 20
+            })
+            .is_err()
+        );
+        assert!((Box::new(w) as Box<dyn ExtentSink>).finish().is_err());
+        assert!(write(0, None, vec![]).is_err());
+        assert!(write(MAX_VIRTUAL_SIZE + 1, None, vec![]).is_err());
+    }
+
+    #[test]
+    fn odd_sizes_round_up_to_a_sector() {
+        let data = Bytes::from(vec![9u8; 1000]);
+        let (file, _) = write(1000, None, vec![Extent::Data { offset: 0, data }]).unwrap();
+        assert_eq!(u64_at(&file, 12), 2);
+        let grain = u64_at(&file, 64) as usize * 512;
+        assert!(file[grain..grain + 1000].iter().all(|&b| b == 9));
+        assert!(file[grain + 1000..].iter().all(|&b| b == 0));
+        assert_eq!(file.len() - grain, GRAIN_BYTES as usize);
+    }
+}
