@@ -372,18 +372,46 @@ fn large_sparse_disks() {
         let out = dir.path().join(format!("big{i}.vmdk"));
         let file = File::create(&out).unwrap();
         let mut w: Box<dyn ExtentSink> = if stream {
-            Box::new(StreamOptimizedWriter::new(BufWriter::new(file), size, s(&out).into()).unwrap())
+            Box::new(
+                StreamOptimizedWriter::new(BufWriter::new(file), size, s(&out).into()).unwrap(),
+            )
         } else {
             Box::new(SparseWriter::new(file, size, None, s(&out).into()).unwrap())
         };
-        w.put(Extent::Data { offset: 0, data: Bytes::from(vec![0x5a; 4096]) }).unwrap();
-        w.put(Extent::Zero { offset: 4096, len: last - 4096 }).unwrap();
-        w.put(Extent::Data { offset: last, data: Bytes::from(vec![0xa5; 512]) }).unwrap();
+        w.put(Extent::Data {
+            offset: 0,
+            data: Bytes::from(vec![0x5a; 4096]),
+        })
+        .unwrap();
+        w.put(Extent::Zero {
+            offset: 4096,
+            len: last - 4096,
+        })
+        .unwrap();
+        w.put(Extent::Data {
+            offset: last,
+            data: Bytes::from(vec![0xa5; 512]),
+        })
+        .unwrap();
         let summary = w.finish().unwrap();
         assert_eq!(summary.data_bytes, GRAIN + 512);
         assert_check_clean(&out);
-        common::qemu_io(&["-f", "vmdk", "-c", "read -P 0x5a 0 4096", "-c", "read -P 0 4096 61440", s(&out)]);
-        common::qemu_io(&["-f", "vmdk", "-c", &format!("read -P 0xa5 {last} 512"), s(&out)]);
+        common::qemu_io(&[
+            "-f",
+            "vmdk",
+            "-c",
+            "read -P 0x5a 0 4096",
+            "-c",
+            "read -P 0 4096 61440",
+            s(&out),
+        ]);
+        common::qemu_io(&[
+            "-f",
+            "vmdk",
+            "-c",
+            &format!("read -P 0xa5 {last} 512"),
+            s(&out),
+        ]);
         let (_, text) = qemu_img_status(&["map", "--output", "json", "-f", "vmdk", s(&out)]);
         assert_eq!(text.matches("\"data\": true").count(), 2, "{text}");
     }
