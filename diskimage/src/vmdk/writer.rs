@@ -5,6 +5,8 @@
 mod descriptor;
 mod grains;
 mod header;
+#[cfg(test)]
+mod roundtrip_tests;
 mod sparse;
 mod stream;
 

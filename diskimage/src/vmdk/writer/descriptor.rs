@@ -41,7 +41,8 @@ impl Descriptor<'_> {
             .div_ceil(HEADS * SECTORS_PER_TRACK)
             .min(MAX_CYLINDERS);
         let mut s = String::new();
-        s.push_str("# Disk DescriptorFile\nversion=1\n");
+        // File names are written as UTF-8, which VMware's own descriptors declare.
+        s.push_str("# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\n");
         s.push_str(&format!(
             "CID={:08x}\nparentCID={:08x}\n",
             self.cid, self.parent_cid
