@@ -157,7 +157,7 @@ proptest! {
 
     #[test]
     fn full_images_round_trip(
-        size in 1u64..(1_200_000),
+        size in 1u64..1_200_000,
         cuts in prop::collection::vec((1u64..400, any::<u8>()), 1..40),
     ) {
         let extents = extents(size, 512, &cuts);
