@@ -1,45 +1,40 @@
 //! VHDX (Hyper-V): fixed, dynamic and differencing images, with log replay.
 //!
-//! STUB: to be replaced by the real implementation.
+//! Layout per Microsoft's "[MS-VHDX] Virtual Hard Disk v2 (VHDX) File Format"
+//! (little-endian): a file type identifier at 0, two headers at 64 and 128 KiB, two region
+//! tables at 192 and 256 KiB naming the BAT and metadata regions, a log, and payload
+//! blocks placed anywhere at 1 MiB boundaries.
 
-use std::io::{Seek, Write};
+mod bat;
+mod guid;
+mod header;
+mod log;
+mod metadata;
+mod reader;
+mod region;
+#[cfg(test)]
+mod robustness;
+mod source;
+#[cfg(test)]
+mod testimg;
+mod writer;
+
 use std::sync::Arc;
 
-use rehost_core::Extent;
-
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::io::ImageFile;
 use crate::layer::Layer;
-use crate::sink::{ExtentSink, WriteSummary};
+
+pub use writer::VhdxWriter;
+
+/// 1 MiB: the alignment of regions, the log and payload blocks (MS-VHDX 2.2, 2.3.1).
+pub(crate) const MIB: u64 = 1 << 20;
+/// 1 KiB.
+pub(crate) const KIB: u64 = 1 << 10;
+/// Largest virtual disk the format allows: 64 TiB (MS-VHDX 2.6.2.2).
+pub(crate) const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 
 /// Opens a VHDX of any type.
 pub fn open(file: ImageFile) -> Result<Arc<dyn Layer>> {
-    Err(Error::unsupported(file.name(), "VHDX reader not yet built"))
-}
-
-/// Writes a dynamic VHDX.
-#[derive(Debug)]
-pub struct VhdxWriter<W: Write + Seek> {
-    _out: W,
-}
-
-impl<W: Write + Seek> VhdxWriter<W> {
-    /// A writer of a `virtual_size`-byte disk with `block_size` (default 32 MiB).
-    pub fn new(
-        _out: W,
-        _virtual_size: u64,
-        _block_size: Option<u32>,
-        name: String,
-    ) -> Result<Self> {
-        Err(Error::unsupported(&name, "VHDX writer not yet built"))
-    }
-}
-
-impl<W: Write + Seek> ExtentSink for VhdxWriter<W> {
-    fn put(&mut self, _extent: Extent) -> Result<()> {
-        unreachable!()
-    }
-    fn finish(self: Box<Self>) -> Result<WriteSummary> {
-        unreachable!()
-    }
+    Ok(Arc::new(reader::VhdxLayer::open(file)?))
 }
