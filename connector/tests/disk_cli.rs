@@ -1,4 +1,5 @@
 //! `rehost disk …` as a user runs it, on images qemu-img makes, checked against qemu-img.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

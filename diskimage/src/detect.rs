@@ -60,10 +60,13 @@ pub fn detect(file: &ImageFile) -> Result<DetectedFormat> {
     if looks_like_vmdk_descriptor(head) {
         return Ok(DetectedFormat::Vmdk);
     }
-    if len >= 512 && len % 512 == 0 {
-        let tail: [u8; 8] = file.read_array(len - 512, "VHD footer")?;
-        if &tail == VHD_COOKIE {
-            return Ok(DetectedFormat::Vhd);
+    // A fixed VHD ends in its 512-byte footer; some old tools wrote 511 bytes of it.
+    for footer_len in [512, 511] {
+        if len >= footer_len && len % 512 == footer_len % 512 {
+            let tail: [u8; 8] = file.read_array(len - footer_len, "VHD footer")?;
+            if &tail == VHD_COOKIE {
+                return Ok(DetectedFormat::Vhd);
+            }
         }
     }
     Ok(DetectedFormat::Raw)
@@ -106,6 +109,8 @@ mod tests {
         );
         let mut fixed = vec![0u8; 2048];
         fixed[1536..1544].copy_from_slice(VHD_COOKIE);
+        assert_eq!(detect_bytes(fixed.clone()).unwrap(), DetectedFormat::Vhd);
+        fixed.pop();
         assert_eq!(detect_bytes(fixed).unwrap(), DetectedFormat::Vhd);
         assert_eq!(detect_bytes(vec![0u8; 1000]).unwrap(), DetectedFormat::Raw);
         assert_eq!(detect_bytes(Vec::new()).unwrap(), DetectedFormat::Raw);
