@@ -1,1 +1,63 @@
-fn main() {}
+//! `rehost`: the connector's command line. Today it carries the disk-image tools
+//! (`rehost disk …`); the importer, sources, jobs and the API server join it as they land.
+
+mod disk_cmd;
+mod output;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Agentless server migration to AWS: replicate VMs from vSphere, Hyper-V and Azure
+/// into EBS snapshots and AMIs.
+#[derive(Debug, Parser)]
+#[command(name = "rehost", version, about, propagate_version = true)]
+struct Cli {
+    /// Log filter (e.g. `debug`, `rehost_diskimage=trace`); also read from RUST_LOG.
+    #[arg(long, global = true, env = "REHOST_LOG", default_value = "warn")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Inspect, map, checksum and convert disk images (raw, VMDK, VHD, VHDX).
+    #[command(subcommand)]
+    Disk(disk_cmd::DiskCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let result = match cli.command {
+        Command::Disk(cmd) => disk_cmd::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_owned());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -161,7 +161,10 @@ mod tests {
 
     #[test]
     fn extent_bounds() {
-        let e = Extent::Data { offset: 512, data: Bytes::from_static(&[1; 1024]) };
+        let e = Extent::Data {
+            offset: 512,
+            data: Bytes::from_static(&[1; 1024]),
+        };
         assert_eq!((e.offset(), e.len(), e.end()), (512, 1024, 1536));
         let z = Extent::Zero { offset: 0, len: 0 };
         assert!(z.is_empty());

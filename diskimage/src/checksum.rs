@@ -24,9 +24,9 @@ pub fn sha256(disk: &Disk, threads: usize, progress: &mut dyn FnMut(u64)) -> Res
             Extent::Zero { len, .. } | Extent::Unchanged { len, .. } => {
                 let mut left = *len;
                 while left > 0 {
-                    let n = left.min(zeros.len() as u64);
-                    hasher.update(&zeros[..n as usize]);
-                    left -= n;
+                    let n = usize::try_from(left).map_or(zeros.len(), |l| l.min(zeros.len()));
+                    hasher.update(&zeros[..n]);
+                    left -= n as u64;
                 }
             }
         }

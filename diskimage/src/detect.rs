@@ -46,10 +46,16 @@ pub fn detect(file: &ImageFile) -> Result<DetectedFormat> {
         return Ok(DetectedFormat::Vhd);
     }
     if head.starts_with(VMDK_COWD_MAGIC) {
-        return Err(Error::unsupported(file.name(), "ESX COWD sparse disks (convert them with vmkfstools first)"));
+        return Err(Error::unsupported(
+            file.name(),
+            "ESX COWD sparse disks (convert them with vmkfstools first)",
+        ));
     }
     if head.starts_with(QCOW_MAGIC) {
-        return Err(Error::unsupported(file.name(), "qcow2 images (convert with `qemu-img convert -O vmdk`)"));
+        return Err(Error::unsupported(
+            file.name(),
+            "qcow2 images (convert with `qemu-img convert -O vmdk`)",
+        ));
     }
     if looks_like_vmdk_descriptor(head) {
         return Ok(DetectedFormat::Vmdk);
@@ -67,9 +73,13 @@ pub fn detect(file: &ImageFile) -> Result<DetectedFormat> {
 /// conventional first line or a `createType=` line within the first bytes, and text only.
 fn looks_like_vmdk_descriptor(head: &[u8]) -> bool {
     let text_len = head.iter().position(|&b| b == 0).unwrap_or(head.len());
-    let Ok(text) = std::str::from_utf8(&head[..text_len]) else { return false };
+    let Ok(text) = std::str::from_utf8(&head[..text_len]) else {
+        return false;
+    };
     text.trim_start().starts_with("# Disk DescriptorFile")
-        || text.lines().any(|l| l.trim_start().starts_with("createType"))
+        || text
+            .lines()
+            .any(|l| l.trim_start().starts_with("createType"))
 }
 
 #[cfg(test)]
@@ -82,8 +92,14 @@ mod tests {
 
     #[test]
     fn detects_by_signature() {
-        assert_eq!(detect_bytes(b"vhdxfile....".to_vec()).unwrap(), DetectedFormat::Vhdx);
-        assert_eq!(detect_bytes(b"KDMV\x01\0\0\0".to_vec()).unwrap(), DetectedFormat::Vmdk);
+        assert_eq!(
+            detect_bytes(b"vhdxfile....".to_vec()).unwrap(),
+            DetectedFormat::Vhdx
+        );
+        assert_eq!(
+            detect_bytes(b"KDMV\x01\0\0\0".to_vec()).unwrap(),
+            DetectedFormat::Vmdk
+        );
         assert_eq!(
             detect_bytes(b"# Disk DescriptorFile\nversion=1\n".to_vec()).unwrap(),
             DetectedFormat::Vmdk

@@ -48,8 +48,13 @@ impl Disk {
         let mut paths = vec![path.to_owned()];
         let mut seen = HashSet::from([fs.identity(path)]);
         loop {
-            let (child, child_path) = (layers[layers.len() - 1].clone(), paths[paths.len() - 1].clone());
-            let Some(parent_ref) = child.info().parent.clone() else { break };
+            let (child, child_path) = (
+                layers[layers.len() - 1].clone(),
+                paths[paths.len() - 1].clone(),
+            );
+            let Some(parent_ref) = child.info().parent.clone() else {
+                break;
+            };
             if layers.len() > MAX_CHAIN_DEPTH {
                 return Err(Error::ParentChain {
                     file: path.to_owned(),
@@ -71,7 +76,10 @@ impl Disk {
                 }
             }
             let Some((parent_path, parent_file)) = opened else {
-                return Err(Error::ParentNotFound { file: child_path, tried });
+                return Err(Error::ParentNotFound {
+                    file: child_path,
+                    tried,
+                });
             };
             if !seen.insert(fs.identity(&parent_path)) {
                 return Err(Error::ParentChain {
@@ -99,7 +107,11 @@ impl Disk {
     }
 
     /// A disk of one in-memory image (tests, fuzzing). Parents are looked up in `fs`.
-    pub fn from_bytes(fs: &dyn FileSystem, name: &str, bytes: impl Into<bytes::Bytes>) -> Result<Self> {
+    pub fn from_bytes(
+        fs: &dyn FileSystem,
+        name: &str,
+        bytes: impl Into<bytes::Bytes>,
+    ) -> Result<Self> {
         let top = crate::open_layer(fs, ImageFile::from_bytes(name, bytes))?;
         Self::with_parents(fs, name, top)
     }
@@ -146,7 +158,13 @@ impl Disk {
         Ok(out)
     }
 
-    fn resolve_level(&self, level: usize, offset: u64, len: u64, out: &mut Vec<Resolved>) -> Result<()> {
+    fn resolve_level(
+        &self,
+        level: usize,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Resolved>,
+    ) -> Result<()> {
         let layer = &self.layers[level];
         let size = layer.info().virtual_size_bytes;
         // A child may be larger than its parent: what lies past the parent's end is zero.
@@ -154,18 +172,31 @@ impl Disk {
         if inside > 0 {
             for e in layer.map_range(offset, inside)? {
                 match e.kind {
-                    ExtentKind::Data => out.push(Resolved { extent: e, layer: Some(level) }),
-                    ExtentKind::Zero => out.push(Resolved { extent: e, layer: None }),
+                    ExtentKind::Data => out.push(Resolved {
+                        extent: e,
+                        layer: Some(level),
+                    }),
+                    ExtentKind::Zero => out.push(Resolved {
+                        extent: e,
+                        layer: None,
+                    }),
                     ExtentKind::Unallocated if level + 1 < self.layers.len() => {
                         self.resolve_level(level + 1, e.offset, e.len, out)?;
                     }
-                    ExtentKind::Unallocated => out.push(Resolved { extent: e, layer: None }),
+                    ExtentKind::Unallocated => out.push(Resolved {
+                        extent: e,
+                        layer: None,
+                    }),
                 }
             }
         }
         if inside < len {
             out.push(Resolved {
-                extent: MapExtent { offset: offset + inside, len: len - inside, kind: ExtentKind::Unallocated },
+                extent: MapExtent {
+                    offset: offset + inside,
+                    len: len - inside,
+                    kind: ExtentKind::Unallocated,
+                },
                 layer: None,
             });
         }
@@ -176,7 +207,8 @@ impl Disk {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut filled = 0usize;
         for r in self.resolve(offset, buf.len() as u64)? {
-            let len = usize::try_from(r.extent.len).map_err(|_| Error::InvalidInput("read too large".into()))?;
+            let len = usize::try_from(r.extent.len)
+                .map_err(|_| Error::InvalidInput("read too large".into()))?;
             let piece = &mut buf[filled..filled + len];
             match r.layer {
                 Some(level) => self.layers[level].read_at(piece, r.extent.offset)?,
@@ -189,6 +221,7 @@ impl Disk {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::layer::{LayerInfo, ParentRef};
@@ -219,7 +252,11 @@ mod tests {
         fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
             for (i, b) in buf.iter_mut().enumerate() {
                 let sector = (offset + i as u64) / 512;
-                *b = if self.map[sector as usize] == b'D' { self.fill } else { 0 };
+                *b = if self.map[sector as usize] == b'D' {
+                    self.fill
+                } else {
+                    0
+                };
             }
             Ok(())
         }
@@ -232,7 +269,10 @@ mod tests {
                 subformat: "fake".into(),
                 virtual_size_bytes: map.len() as u64 * 512,
                 cluster_size_bytes: Some(512),
-                parent: has_parent.then(|| ParentRef { candidates: vec!["p".into()], expected_id: None }),
+                parent: has_parent.then(|| ParentRef {
+                    candidates: vec!["p".into()],
+                    expected_id: None,
+                }),
                 id: None,
                 warnings: vec![],
             },
@@ -244,7 +284,11 @@ mod tests {
     #[test]
     fn chain_takes_each_sector_from_the_nearest_layer() {
         let disk = Disk {
-            layers: vec![fake(b"D.Z..", 1, true), fake(b"DDD.", 2, true), fake(b"..DD.", 3, false)],
+            layers: vec![
+                fake(b"D.Z..", 1, true),
+                fake(b"DDD.", 2, true),
+                fake(b"..DD.", 3, false),
+            ],
             paths: vec!["c".into(), "p".into(), "g".into()],
         };
         let mut buf = vec![9u8; 5 * 512];
@@ -252,10 +296,20 @@ mod tests {
         let sectors: Vec<u8> = buf.chunks(512).map(|s| s[0]).collect();
         // sector 3: parent unallocated -> grandparent data; sector 4: beyond parent's size.
         assert_eq!(sectors, vec![1, 2, 0, 3, 0]);
-        let kinds: Vec<_> = disk.map_range(0, 5 * 512).unwrap().iter().map(|e| (e.offset / 512, e.kind)).collect();
+        let kinds: Vec<_> = disk
+            .map_range(0, 5 * 512)
+            .unwrap()
+            .iter()
+            .map(|e| (e.offset / 512, e.kind))
+            .collect();
         assert_eq!(
             kinds,
-            vec![(0, ExtentKind::Data), (2, ExtentKind::Zero), (3, ExtentKind::Data), (4, ExtentKind::Unallocated)]
+            vec![
+                (0, ExtentKind::Data),
+                (2, ExtentKind::Zero),
+                (3, ExtentKind::Data),
+                (4, ExtentKind::Unallocated)
+            ]
         );
         let mut odd = vec![0u8; 700];
         disk.read_at(&mut odd, 300).unwrap();

@@ -22,7 +22,9 @@ pub enum Error {
         source: io::Error,
     },
     /// The image ends before a structure it needs.
-    #[error("{file}: truncated: {structure} at offset {offset} needs {needed} bytes, the file has {file_len}")]
+    #[error(
+        "{file}: truncated: {structure} at offset {offset} needs {needed} bytes, the file has {file_len}"
+    )]
     Truncated {
         file: String,
         structure: &'static str,
@@ -76,7 +78,9 @@ impl Error {
             Error::Io { source, .. } | Error::Open { source, .. } => match source.kind() {
                 io::ErrorKind::NotFound => ErrorKind::NotFound,
                 io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
-                io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData => ErrorKind::CorruptImage,
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData => {
+                    ErrorKind::CorruptImage
+                }
                 _ => ErrorKind::Transient,
             },
             Error::Truncated { .. }

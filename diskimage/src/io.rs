@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 
 /// Random-access, thread-safe reads of a byte source.
+#[allow(clippy::len_without_is_empty)] // a length that can fail has no cheap emptiness
 pub trait ReadAt: Send + Sync {
     /// Fills `buf` with the bytes at `offset`; fails with `UnexpectedEof` past the end.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
@@ -153,7 +154,11 @@ impl ImageFile {
     }
 
     /// Reads a fixed-size structure.
-    pub fn read_array<const N: usize>(&self, offset: u64, structure: &'static str) -> Result<[u8; N]> {
+    pub fn read_array<const N: usize>(
+        &self,
+        offset: u64,
+        structure: &'static str,
+    ) -> Result<[u8; N]> {
         let mut buf = [0u8; N];
         self.read(&mut buf, offset, structure)?;
         Ok(buf)
@@ -290,7 +295,10 @@ mod tests {
     #[test]
     fn resolves_relative_references_from_the_referrer() {
         let fs = MemFs::new();
-        assert_eq!(fs.resolve("/a/b/child.vmdk", "parent.vmdk"), "/a/b/parent.vmdk");
+        assert_eq!(
+            fs.resolve("/a/b/child.vmdk", "parent.vmdk"),
+            "/a/b/parent.vmdk"
+        );
         assert_eq!(fs.resolve("child.vmdk", "parent.vmdk"), "parent.vmdk");
         assert_eq!(fs.resolve("/a/child.vmdk", "/z/p.vmdk"), "/z/p.vmdk");
     }

@@ -43,7 +43,11 @@ impl Layer for RawLayer {
         Ok(if len == 0 {
             Vec::new()
         } else {
-            vec![MapExtent { offset, len, kind: ExtentKind::Data }]
+            vec![MapExtent {
+                offset,
+                len,
+                kind: ExtentKind::Data,
+            }]
         })
     }
 
@@ -107,7 +111,9 @@ impl<W: Write + Seek> ExtentSink for RawWriter<W> {
         self.cursor.advance(&extent)?;
         if let Extent::Data { offset, data } = &extent {
             let offset = *offset;
-            self.out.seek(SeekFrom::Start(offset)).map_err(self.io_err(offset))?;
+            self.out
+                .seek(SeekFrom::Start(offset))
+                .map_err(self.io_err(offset))?;
             self.out.write_all(data).map_err(self.io_err(offset))?;
             self.data_bytes += data.len() as u64;
             self.last_was_data = true;
@@ -122,11 +128,16 @@ impl<W: Write + Seek> ExtentSink for RawWriter<W> {
         let size = self.cursor.virtual_size();
         if !self.last_was_data && size > 0 {
             // The file must reach the virtual size even when it ends in a hole.
-            self.out.seek(SeekFrom::Start(size - 1)).map_err(self.io_err(size - 1))?;
+            self.out
+                .seek(SeekFrom::Start(size - 1))
+                .map_err(self.io_err(size - 1))?;
             self.out.write_all(&[0]).map_err(self.io_err(size - 1))?;
         }
         self.out.flush().map_err(self.io_err(size))?;
-        Ok(WriteSummary { data_bytes: self.data_bytes, file_bytes: size })
+        Ok(WriteSummary {
+            data_bytes: self.data_bytes,
+            file_bytes: size,
+        })
     }
 }
 
@@ -149,7 +160,11 @@ mod tests {
     #[test]
     fn raw_writer_fills_holes_to_the_virtual_size() {
         let mut w = Box::new(RawWriter::new(Cursor::new(Vec::new()), 10, "out"));
-        w.put(Extent::Data { offset: 0, data: Bytes::from_static(b"ab") }).unwrap();
+        w.put(Extent::Data {
+            offset: 0,
+            data: Bytes::from_static(b"ab"),
+        })
+        .unwrap();
         w.put(Extent::Zero { offset: 2, len: 8 }).unwrap();
         let summary = (w as Box<dyn ExtentSink>).finish().unwrap();
         assert_eq!(summary.data_bytes, 2);

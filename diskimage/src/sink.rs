@@ -130,11 +130,37 @@ mod tests {
     #[test]
     fn cursor_rejects_gaps_overruns_and_misalignment() {
         let mut c = SinkCursor::new(4096, 1024);
-        c.advance(&Extent::Zero { offset: 0, len: 1024 }).unwrap();
-        assert!(c.advance(&Extent::Zero { offset: 2048, len: 1024 }).is_err());
-        assert!(c.advance(&Extent::Zero { offset: 1024, len: 512 }).is_err());
-        assert!(c.advance(&Extent::Unchanged { offset: 1024, len: 4096 }).is_err());
-        c.advance(&Extent::Data { offset: 1024, data: Bytes::from(vec![1; 3072]) }).unwrap();
+        c.advance(&Extent::Zero {
+            offset: 0,
+            len: 1024,
+        })
+        .unwrap();
+        assert!(
+            c.advance(&Extent::Zero {
+                offset: 2048,
+                len: 1024
+            })
+            .is_err()
+        );
+        assert!(
+            c.advance(&Extent::Zero {
+                offset: 1024,
+                len: 512
+            })
+            .is_err()
+        );
+        assert!(
+            c.advance(&Extent::Unchanged {
+                offset: 1024,
+                len: 4096
+            })
+            .is_err()
+        );
+        c.advance(&Extent::Data {
+            offset: 1024,
+            data: Bytes::from(vec![1; 3072]),
+        })
+        .unwrap();
         c.finish().unwrap();
         assert!(SinkCursor::new(10, 1).finish().is_err());
     }

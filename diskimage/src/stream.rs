@@ -90,7 +90,9 @@ pub fn for_each_extent(
         let consumed = consume(result_rx, &token_rx, &mut sink);
         // Dropping the receivers unblocks the planner and the workers if we stopped early.
         drop(token_rx);
-        let planned = planner.join().unwrap_or_else(|_| Err(Error::InvalidInput("planner thread panicked".into())));
+        let planned = planner
+            .join()
+            .unwrap_or_else(|_| Err(Error::InvalidInput("planner thread panicked".into())));
         match (consumed, planned) {
             (Err(e), _) => Err(e),
             (Ok(()), Err(e)) => Err(e),
@@ -100,7 +102,11 @@ pub fn for_each_extent(
 }
 
 fn next_job(job_rx: &Mutex<Receiver<(u64, Job)>>) -> Option<(u64, Job)> {
-    job_rx.lock().unwrap_or_else(PoisonError::into_inner).recv().ok()
+    job_rx
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .recv()
+        .ok()
 }
 
 fn consume(
@@ -126,7 +132,11 @@ fn stopped() -> Error {
 }
 
 /// Walks the disk's map and calls `dispatch` with jobs in disk order.
-fn plan(disk: &Disk, options: &StreamOptions, mut dispatch: impl FnMut(Job) -> Result<()>) -> Result<()> {
+fn plan(
+    disk: &Disk,
+    options: &StreamOptions,
+    mut dispatch: impl FnMut(Job) -> Result<()>,
+) -> Result<()> {
     let chunk = options.chunk_bytes.max(512);
     for (window_offset, window_len) in MapWalker::new(disk.virtual_size()) {
         for e in disk.map_range(window_offset, window_len)? {
@@ -140,11 +150,20 @@ fn plan(disk: &Disk, options: &StreamOptions, mut dispatch: impl FnMut(Job) -> R
                         offset += len;
                     }
                 }
-                ExtentKind::Zero => dispatch(Job::Ready(Extent::Zero { offset: e.offset, len: e.len }))?,
+                ExtentKind::Zero => dispatch(Job::Ready(Extent::Zero {
+                    offset: e.offset,
+                    len: e.len,
+                }))?,
                 ExtentKind::Unallocated if options.unallocated_as_zero => {
-                    dispatch(Job::Ready(Extent::Zero { offset: e.offset, len: e.len }))?
+                    dispatch(Job::Ready(Extent::Zero {
+                        offset: e.offset,
+                        len: e.len,
+                    }))?
                 }
-                ExtentKind::Unallocated => dispatch(Job::Ready(Extent::Unchanged { offset: e.offset, len: e.len }))?,
+                ExtentKind::Unallocated => dispatch(Job::Ready(Extent::Unchanged {
+                    offset: e.offset,
+                    len: e.len,
+                }))?,
             }
         }
     }
@@ -155,13 +174,20 @@ fn run(disk: &Disk, options: &StreamOptions, job: Job) -> Result<Extent> {
     match job {
         Job::Ready(extent) => Ok(extent),
         Job::Read { offset, len } => {
-            let len = usize::try_from(len).map_err(|_| Error::InvalidInput("chunk too large".into()))?;
+            let len =
+                usize::try_from(len).map_err(|_| Error::InvalidInput("chunk too large".into()))?;
             let mut buf = BytesMut::zeroed(len);
             disk.read_at(&mut buf, offset)?;
             if options.detect_zeros && is_zero(&buf) {
-                Ok(Extent::Zero { offset, len: len as u64 })
+                Ok(Extent::Zero {
+                    offset,
+                    len: len as u64,
+                })
             } else {
-                Ok(Extent::Data { offset, data: Bytes::from(buf) })
+                Ok(Extent::Data {
+                    offset,
+                    data: Bytes::from(buf),
+                })
             }
         }
     }
@@ -194,6 +220,7 @@ impl Coalescer {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::io::MemFs;
@@ -203,7 +230,11 @@ mod tests {
     }
 
     fn collect(disk: &Disk, threads: usize) -> Vec<Extent> {
-        let options = StreamOptions { chunk_bytes: 4096, threads, ..Default::default() };
+        let options = StreamOptions {
+            chunk_bytes: 4096,
+            threads,
+            ..Default::default()
+        };
         let mut out = Vec::new();
         for_each_extent(disk, &options, |e| {
             out.push(e);
@@ -234,17 +265,31 @@ mod tests {
         }
         assert_eq!(pos, bytes.len() as u64);
         assert_eq!(rebuilt, bytes);
-        assert!(matches!(many[0], Extent::Zero { offset: 0, len: 4096 }));
+        assert!(matches!(
+            many[0],
+            Extent::Zero {
+                offset: 0,
+                len: 4096
+            }
+        ));
     }
 
     #[test]
     fn a_failing_sink_stops_the_stream() {
         let disk = disk_of(vec![1u8; 1 << 20]);
-        let options = StreamOptions { chunk_bytes: 4096, threads: 3, ..Default::default() };
+        let options = StreamOptions {
+            chunk_bytes: 4096,
+            threads: 3,
+            ..Default::default()
+        };
         let mut seen = 0;
         let err = for_each_extent(&disk, &options, |_| {
             seen += 1;
-            if seen == 5 { Err(Error::InvalidInput("stop".into())) } else { Ok(()) }
+            if seen == 5 {
+                Err(Error::InvalidInput("stop".into()))
+            } else {
+                Ok(())
+            }
         });
         assert!(err.is_err());
         assert_eq!(seen, 5);

@@ -58,7 +58,10 @@ impl FromStr for OutputFormat {
             .map(|(_, f)| *f)
             .ok_or_else(|| {
                 let names: Vec<_> = Self::ALL.iter().map(|(n, _)| *n).collect();
-                Error::InvalidInput(format!("unknown output format {s:?}; expected one of {}", names.join(", ")))
+                Error::InvalidInput(format!(
+                    "unknown output format {s:?}; expected one of {}",
+                    names.join(", ")
+                ))
             })
     }
 }
@@ -76,7 +79,10 @@ pub fn create(
             "{name}: a differencing image can be written as vmdk-sparse or vhd-dynamic, not {format:?}"
         )));
     }
-    let file = File::create(path).map_err(|source| Error::Open { file: name.clone(), source })?;
+    let file = File::create(path).map_err(|source| Error::Open {
+        file: name.clone(),
+        source,
+    })?;
     Ok(match format {
         OutputFormat::Raw => Box::new(crate::raw::RawWriter::new(file, virtual_size, name)),
         OutputFormat::VmdkStream => Box::new(crate::vmdk::StreamOptimizedWriter::new(
@@ -84,8 +90,18 @@ pub fn create(
             virtual_size,
             name,
         )?),
-        OutputFormat::VmdkSparse => Box::new(crate::vmdk::SparseWriter::new(file, virtual_size, parent, name)?),
-        OutputFormat::VhdFixed => Box::new(crate::vhd::VhdWriter::new(file, virtual_size, crate::vhd::VhdKind::Fixed, name)?),
+        OutputFormat::VmdkSparse => Box::new(crate::vmdk::SparseWriter::new(
+            file,
+            virtual_size,
+            parent,
+            name,
+        )?),
+        OutputFormat::VhdFixed => Box::new(crate::vhd::VhdWriter::new(
+            file,
+            virtual_size,
+            crate::vhd::VhdKind::Fixed,
+            name,
+        )?),
         OutputFormat::VhdDynamic => {
             let kind = match parent {
                 Some(link) => crate::vhd::VhdKind::Differencing(link),
@@ -93,7 +109,12 @@ pub fn create(
             };
             Box::new(crate::vhd::VhdWriter::new(file, virtual_size, kind, name)?)
         }
-        OutputFormat::Vhdx => Box::new(crate::vhdx::VhdxWriter::new(file, virtual_size, None, name)?),
+        OutputFormat::Vhdx => Box::new(crate::vhdx::VhdxWriter::new(
+            file,
+            virtual_size,
+            None,
+            name,
+        )?),
     })
 }
 
@@ -147,7 +168,10 @@ pub fn convert(
     progress: &mut dyn FnMut(u64),
 ) -> Result<WriteSummary> {
     let mut sink = sink;
-    let options = StreamOptions { threads, ..StreamOptions::default() };
+    let options = StreamOptions {
+        threads,
+        ..StreamOptions::default()
+    };
     let mut coalescer = Coalescer::default();
     for_each_extent(disk, &options, |extent| {
         let end = extent.end();
@@ -189,33 +213,56 @@ pub fn convert_delta(
     for (offset, len) in MapWalker::with_window(size, chunk) {
         let new_has_data = has_data(disk, offset, len)?;
         let old_len = len.min(parent.virtual_size().saturating_sub(offset));
+        let old_len_usize =
+            usize::try_from(old_len).map_err(|_| Error::InvalidInput("chunk too large".into()))?;
         let old_has_data = old_len > 0 && has_data(parent, offset, old_len)?;
         if !new_has_data && !old_has_data {
             emit(Extent::Unchanged { offset, len }, &mut sink)?;
             progress(offset + len);
             continue;
         }
-        let len_usize = usize::try_from(len).map_err(|_| Error::InvalidInput("chunk too large".into()))?;
+        let len_usize =
+            usize::try_from(len).map_err(|_| Error::InvalidInput("chunk too large".into()))?;
         new_buf.clear();
         new_buf.resize(len_usize, 0);
         disk.read_at(&mut new_buf, offset)?;
         old_buf.clear();
         old_buf.resize(len_usize, 0);
         if old_len > 0 {
-            parent.read_at(&mut old_buf[..old_len as usize], offset)?;
+            parent.read_at(&mut old_buf[..old_len_usize], offset)?;
         }
         let mut data = new_buf.split().freeze();
         let mut pos = 0usize;
         while pos < len_usize {
-            let n = usize::try_from(unit).unwrap_or(usize::MAX).min(len_usize - pos);
+            let n = usize::try_from(unit)
+                .unwrap_or(usize::MAX)
+                .min(len_usize - pos);
             let unit_offset = offset + pos as u64;
             let piece = data.split_to(n);
             if piece[..] == old_buf[pos..pos + n] {
-                emit(Extent::Unchanged { offset: unit_offset, len: n as u64 }, &mut sink)?;
+                emit(
+                    Extent::Unchanged {
+                        offset: unit_offset,
+                        len: n as u64,
+                    },
+                    &mut sink,
+                )?;
             } else if crate::sink::is_zero(&piece) {
-                emit(Extent::Zero { offset: unit_offset, len: n as u64 }, &mut sink)?;
+                emit(
+                    Extent::Zero {
+                        offset: unit_offset,
+                        len: n as u64,
+                    },
+                    &mut sink,
+                )?;
             } else {
-                emit(Extent::Data { offset: unit_offset, data: piece }, &mut sink)?;
+                emit(
+                    Extent::Data {
+                        offset: unit_offset,
+                        data: piece,
+                    },
+                    &mut sink,
+                )?;
             }
             pos += n;
         }
@@ -228,7 +275,10 @@ pub fn convert_delta(
 }
 
 fn has_data(disk: &Disk, offset: u64, len: u64) -> Result<bool> {
-    Ok(disk.map_range(offset, len)?.iter().any(|e| e.kind == ExtentKind::Data))
+    Ok(disk
+        .map_range(offset, len)?
+        .iter()
+        .any(|e| e.kind == ExtentKind::Data))
 }
 
 #[cfg(test)]
@@ -237,13 +287,25 @@ mod tests {
 
     #[test]
     fn relative_paths() {
-        assert_eq!(relative_path(Path::new("/a/b"), Path::new("/a/b/p.vmdk")), "p.vmdk");
-        assert_eq!(relative_path(Path::new("/a/b"), Path::new("/a/c/p.vmdk")), "../c/p.vmdk");
+        assert_eq!(
+            relative_path(Path::new("/a/b"), Path::new("/a/b/p.vmdk")),
+            "p.vmdk"
+        );
+        assert_eq!(
+            relative_path(Path::new("/a/b"), Path::new("/a/c/p.vmdk")),
+            "../c/p.vmdk"
+        );
     }
 
     #[test]
     fn output_formats_parse_by_name() {
         assert_eq!("vhdx".parse::<OutputFormat>().unwrap(), OutputFormat::Vhdx);
-        assert!("qcow2".parse::<OutputFormat>().unwrap_err().to_string().contains("vmdk-stream"));
+        assert!(
+            "qcow2"
+                .parse::<OutputFormat>()
+                .unwrap_err()
+                .to_string()
+                .contains("vmdk-stream")
+        );
     }
 }

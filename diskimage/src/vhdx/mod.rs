@@ -25,7 +25,12 @@ pub struct VhdxWriter<W: Write + Seek> {
 
 impl<W: Write + Seek> VhdxWriter<W> {
     /// A writer of a `virtual_size`-byte disk with `block_size` (default 32 MiB).
-    pub fn new(_out: W, _virtual_size: u64, _block_size: Option<u32>, name: String) -> Result<Self> {
+    pub fn new(
+        _out: W,
+        _virtual_size: u64,
+        _block_size: Option<u32>,
+        name: String,
+    ) -> Result<Self> {
         Err(Error::unsupported(&name, "VHDX writer not yet built"))
     }
 }

@@ -16,7 +16,10 @@ pub struct StreamOptimizedWriter<W: Write> {
 impl<W: Write> StreamOptimizedWriter<W> {
     /// A writer of a `virtual_size`-byte disk; `name` is used in errors.
     pub fn new(_out: W, _virtual_size: u64, name: String) -> Result<Self> {
-        Err(Error::unsupported(&name, "streamOptimized writer not yet built"))
+        Err(Error::unsupported(
+            &name,
+            "streamOptimized writer not yet built",
+        ))
     }
 }
 
@@ -37,8 +40,16 @@ pub struct SparseWriter<W: Write + Seek> {
 
 impl<W: Write + Seek> SparseWriter<W> {
     /// A writer of a `virtual_size`-byte disk, a child of `parent` if given.
-    pub fn new(_out: W, _virtual_size: u64, _parent: Option<ParentLink>, name: String) -> Result<Self> {
-        Err(Error::unsupported(&name, "monolithicSparse writer not yet built"))
+    pub fn new(
+        _out: W,
+        _virtual_size: u64,
+        _parent: Option<ParentLink>,
+        name: String,
+    ) -> Result<Self> {
+        Err(Error::unsupported(
+            &name,
+            "monolithicSparse writer not yet built",
+        ))
     }
 }
 
@@ -50,4 +61,3 @@ impl<W: Write + Seek> ExtentSink for SparseWriter<W> {
         unreachable!()
     }
 }
-

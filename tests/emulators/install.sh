@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine, skipping what is already
+# there. Today: qemu-utils (qemu-img and qemu-io are the reference our disk formats are
+# cross-checked against). The AWS, vCenter, Azure and Hyper-V emulators join this folder
+# with the issues that need them.
+set -euo pipefail
+
+need_apt=()
+command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
+command -v qemu-io >/dev/null 2>&1 || need_apt+=(qemu-utils)
+
+if ((${#need_apt[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "missing: ${need_apt[*]} (run: sudo apt-get install ${need_apt[*]})" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+qemu-img --version | head -n 1
