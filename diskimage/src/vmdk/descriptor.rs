@@ -71,7 +71,10 @@ impl Descriptor {
     pub fn parse(text: &[u8], file: &str, offset: u64) -> Result<Self> {
         let bad = |reason: String| Error::corrupt(file, "VMDK descriptor", offset, reason);
         if text.len() as u64 > MAX_DESCRIPTOR_BYTES {
-            return Err(bad(format!("{} bytes is larger than the {MAX_DESCRIPTOR_BYTES} we accept", text.len())));
+            return Err(bad(format!(
+                "{} bytes is larger than the {MAX_DESCRIPTOR_BYTES} we accept",
+                text.len()
+            )));
         }
         let text = String::from_utf8_lossy(text);
         let mut d = Descriptor::default();
@@ -85,16 +88,25 @@ impl Descriptor {
                 if d.extents.len() >= MAX_EXTENTS {
                     return Err(bad(format!("more than {MAX_EXTENTS} extents")));
                 }
-                let extent = parse_extent(line).map_err(|why| bad(format!("line {}: {why}: {line:?}", number + 1)))?;
+                let extent = parse_extent(line)
+                    .map_err(|why| bad(format!("line {}: {why}: {line:?}", number + 1)))?;
                 d.extents.push(extent);
                 continue;
             }
-            let Some((key, value)) = line.split_once('=') else { continue };
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
             let (key, value) = (key.trim(), unquote(value.trim()));
             match key {
-                "CID" => d.cid = Some(parse_cid(value).ok_or_else(|| bad(format!("CID {value:?} is not hexadecimal")))?),
+                "CID" => {
+                    d.cid = Some(
+                        parse_cid(value)
+                            .ok_or_else(|| bad(format!("CID {value:?} is not hexadecimal")))?,
+                    )
+                }
                 "parentCID" => {
-                    let cid = parse_cid(value).ok_or_else(|| bad(format!("parentCID {value:?} is not hexadecimal")))?;
+                    let cid = parse_cid(value)
+                        .ok_or_else(|| bad(format!("parentCID {value:?} is not hexadecimal")))?;
                     d.parent_cid = (cid != NO_PARENT_CID).then_some(cid);
                 }
                 "createType" => d.create_type = value.to_owned(),
@@ -108,7 +120,9 @@ impl Descriptor {
     /// The total size of the extents in sectors.
     #[cfg(test)]
     pub fn total_sectors(&self) -> Option<u64> {
-        self.extents.iter().try_fold(0u64, |acc, e| acc.checked_add(e.sectors))
+        self.extents
+            .iter()
+            .try_fold(0u64, |acc, e| acc.checked_add(e.sectors))
     }
 }
 
@@ -117,7 +131,10 @@ fn parse_cid(value: &str) -> Option<u32> {
 }
 
 fn unquote(value: &str) -> &str {
-    value.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(value)
+    value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value)
 }
 
 /// Parses `ACCESS SECTORS TYPE ["file" [offset]]`. The file name is quoted and may hold spaces.
@@ -149,9 +166,13 @@ fn parse_extent(line: &str) -> std::result::Result<ExtentLine, String> {
     };
     let (file, offset) = match rest {
         Some(rest) => {
-            let end = rest.find('"').ok_or("the file name's quote is not closed")?;
+            let end = rest
+                .find('"')
+                .ok_or("the file name's quote is not closed")?;
             let offset = match rest[end + 1..].split_whitespace().next() {
-                Some(o) => o.parse::<u64>().map_err(|_| "the offset is not a number of sectors")?,
+                Some(o) => o
+                    .parse::<u64>()
+                    .map_err(|_| "the offset is not a number of sectors")?,
                 None => 0,
             };
             (Some(rest[..end].to_owned()), offset)
@@ -161,7 +182,13 @@ fn parse_extent(line: &str) -> std::result::Result<ExtentLine, String> {
     if file.is_none() && kind != ExtentType::Zero {
         return Err("no file name".into());
     }
-    Ok(ExtentLine { access, sectors, kind, file, offset })
+    Ok(ExtentLine {
+        access,
+        sectors,
+        kind,
+        file,
+        offset,
+    })
 }
 
 #[cfg(test)]
@@ -180,8 +207,14 @@ mod tests {
         assert_eq!(d.create_type, "twoGbMaxExtentFlat");
         assert_eq!(d.extents.len(), 3);
         assert_eq!(d.extents[0].file.as_deref(), Some("my disk-f001.vmdk"));
-        assert_eq!((d.extents[1].access, d.extents[1].kind, d.extents[1].offset), (Access::ReadOnly, ExtentType::Flat, 7));
-        assert_eq!((d.extents[2].kind, d.extents[2].file.as_deref()), (ExtentType::Zero, None));
+        assert_eq!(
+            (d.extents[1].access, d.extents[1].kind, d.extents[1].offset),
+            (Access::ReadOnly, ExtentType::Flat, 7)
+        );
+        assert_eq!(
+            (d.extents[2].kind, d.extents[2].file.as_deref()),
+            (ExtentType::Zero, None)
+        );
         assert_eq!(d.total_sectors(), Some(4_192_364));
 
         let child = b"CID=0000000a\nparentCID=12345678\nparentFileNameHint=\"C:\\vms\\base.vmdk\"\ncreateType=\"monolithicSparse\"\nRW 10 SPARSE \"c.vmdk\"\n";
@@ -199,13 +232,27 @@ mod tests {
             b"RW 10 FLAT \"a\" -3\n",
             b"CID=zz\n",
         ] {
-            assert!(Descriptor::parse(bad, "d", 0).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                Descriptor::parse(bad, "d", 0).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let many = "RW 1 ZERO\n".repeat(MAX_EXTENTS + 1);
-        assert!(Descriptor::parse(many.as_bytes(), "d", 0).unwrap_err().to_string().contains("extents"));
+        assert!(
+            Descriptor::parse(many.as_bytes(), "d", 0)
+                .unwrap_err()
+                .to_string()
+                .contains("extents")
+        );
         let huge = vec![b'#'; 2 << 20];
         assert!(Descriptor::parse(&huge, "d", 0).is_err());
         let sum = "RW 18446744073709551615 ZERO\nRW 2 ZERO\n";
-        assert_eq!(Descriptor::parse(sum.as_bytes(), "d", 0).unwrap().total_sectors(), None);
+        assert_eq!(
+            Descriptor::parse(sum.as_bytes(), "d", 0)
+                .unwrap()
+                .total_sectors(),
+            None
+        );
     }
 }

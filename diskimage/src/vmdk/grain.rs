@@ -11,13 +11,16 @@ pub fn inflate(dec: &mut Decompress, input: &[u8], out: &mut [u8]) -> Result<usi
     let status = dec
         .decompress(input, out, FlushDecompress::Finish)
         .map_err(|e| format!("invalid deflate data: {e}"))?;
-    let produced = usize::try_from(dec.total_out()).map_err(|_| "decompressed size overflows".to_owned())?;
+    let produced =
+        usize::try_from(dec.total_out()).map_err(|_| "decompressed size overflows".to_owned())?;
     match status {
         Status::StreamEnd => Ok(produced),
         Status::Ok | Status::BufError if produced >= out.len() => {
             Err(format!("decompresses to more than {} bytes", out.len()))
         }
-        Status::Ok | Status::BufError => Err(format!("compressed data ends after {produced} bytes of output")),
+        Status::Ok | Status::BufError => Err(format!(
+            "compressed data ends after {produced} bytes of output"
+        )),
     }
 }
 
@@ -29,7 +32,8 @@ mod tests {
     pub(crate) fn zlib(data: &[u8]) -> Vec<u8> {
         let mut c = Compress::new(Compression::fast(), true);
         let mut out = Vec::with_capacity(data.len() * 2 + 64);
-        c.compress_vec(data, &mut out, FlushCompress::Finish).unwrap();
+        c.compress_vec(data, &mut out, FlushCompress::Finish)
+            .unwrap();
         out
     }
 
@@ -43,7 +47,11 @@ mod tests {
         assert_eq!(out, data);
         // Reused decompressor, short output buffer.
         let mut small = vec![0u8; 100];
-        assert!(inflate(&mut dec, &z, &mut small).unwrap_err().contains("more than"));
+        assert!(
+            inflate(&mut dec, &z, &mut small)
+                .unwrap_err()
+                .contains("more than")
+        );
         // Truncated input.
         assert!(inflate(&mut dec, &z[..z.len() / 2], &mut out).is_err());
         // Garbage.

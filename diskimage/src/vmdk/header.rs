@@ -97,26 +97,48 @@ impl SparseHeader {
             compress_algorithm: le::u16(buf, 77),
         };
         if !(1..=3).contains(&h.version) {
-            return Err(Error::unsupported(file, format!("VMDK sparse extent version {}", h.version)));
+            return Err(Error::unsupported(
+                file,
+                format!("VMDK sparse extent version {}", h.version),
+            ));
         }
         // Bytes 73..77 are "\n \r\n": a file moved through a text-mode transfer has them mangled.
         if h.flags & FLAG_VALID_NEWLINE != 0 && &buf[73..77] != b"\n \r\n" {
-            return Err(bad("newline detection characters are altered (was the file transferred in text mode?)".into()));
+            return Err(bad(
+                "newline detection characters are altered (was the file transferred in text mode?)"
+                    .into(),
+            ));
         }
         if h.capacity > MAX_CAPACITY_SECTORS {
-            return Err(bad(format!("capacity of {} sectors exceeds the 64 TiB we accept", h.capacity)));
+            return Err(bad(format!(
+                "capacity of {} sectors exceeds the 64 TiB we accept",
+                h.capacity
+            )));
         }
-        if h.grain_size == 0 || !h.grain_size.is_power_of_two() || h.grain_size > MAX_GRAIN_SECTORS {
-            return Err(bad(format!("grain size of {} sectors is not a power of two up to {MAX_GRAIN_SECTORS}", h.grain_size)));
+        if h.grain_size == 0 || !h.grain_size.is_power_of_two() || h.grain_size > MAX_GRAIN_SECTORS
+        {
+            return Err(bad(format!(
+                "grain size of {} sectors is not a power of two up to {MAX_GRAIN_SECTORS}",
+                h.grain_size
+            )));
         }
         if h.gtes_per_gt == 0 || h.gtes_per_gt > MAX_GTES_PER_GT {
-            return Err(bad(format!("{} grain table entries per table (1 to {MAX_GTES_PER_GT} accepted)", h.gtes_per_gt)));
+            return Err(bad(format!(
+                "{} grain table entries per table (1 to {MAX_GTES_PER_GT} accepted)",
+                h.gtes_per_gt
+            )));
         }
         if h.compressed() && h.compress_algorithm != COMPRESSION_DEFLATE {
-            return Err(Error::unsupported(file, format!("VMDK compression algorithm {}", h.compress_algorithm)));
+            return Err(Error::unsupported(
+                file,
+                format!("VMDK compression algorithm {}", h.compress_algorithm),
+            ));
         }
         if h.compressed() && !h.has_markers() {
-            return Err(Error::unsupported(file, "compressed VMDK grains without grain markers"));
+            return Err(Error::unsupported(
+                file,
+                "compressed VMDK grains without grain markers",
+            ));
         }
         Ok(h)
     }
@@ -176,7 +198,14 @@ pub(crate) mod tests {
     use super::*;
 
     /// A header as a writer would build it from the spec.
-    pub fn header_bytes(capacity: u64, grain: u64, flags: u32, gd: u64, rgd: u64, overhead: u64) -> [u8; 512] {
+    pub fn header_bytes(
+        capacity: u64,
+        grain: u64,
+        flags: u32,
+        gd: u64,
+        rgd: u64,
+        overhead: u64,
+    ) -> [u8; 512] {
         let mut b = [0u8; 512];
         b[0..4].copy_from_slice(MAGIC);
         let version: u32 = if flags & FLAG_COMPRESSED != 0 { 3 } else { 1 };
@@ -189,7 +218,11 @@ pub(crate) mod tests {
         b[56..64].copy_from_slice(&gd.to_le_bytes());
         b[64..72].copy_from_slice(&overhead.to_le_bytes());
         b[73..77].copy_from_slice(b"\n \r\n");
-        let algo = if flags & FLAG_COMPRESSED != 0 { COMPRESSION_DEFLATE } else { 0 };
+        let algo = if flags & FLAG_COMPRESSED != 0 {
+            COMPRESSION_DEFLATE
+        } else {
+            0
+        };
         b[77..79].copy_from_slice(&algo.to_le_bytes());
         b
     }
@@ -198,11 +231,19 @@ pub(crate) mod tests {
     fn parses_and_rejects_lies() {
         let b = header_bytes(2048, 128, FLAG_VALID_NEWLINE, 1, 0, 8);
         let h = SparseHeader::parse(&b, "t", 0).unwrap();
-        assert_eq!((h.capacity, h.grain_bytes(), h.gd_entries()), (2048, 65536, 1));
+        assert_eq!(
+            (h.capacity, h.grain_bytes(), h.gd_entries()),
+            (2048, 65536, 1)
+        );
 
         let mut lie = b;
         lie[12..20].copy_from_slice(&(1u64 << 60).to_le_bytes());
-        assert!(SparseHeader::parse(&lie, "t", 0).unwrap_err().to_string().contains("capacity"));
+        assert!(
+            SparseHeader::parse(&lie, "t", 0)
+                .unwrap_err()
+                .to_string()
+                .contains("capacity")
+        );
         let mut lie = b;
         lie[20..28].copy_from_slice(&3u64.to_le_bytes());
         assert!(SparseHeader::parse(&lie, "t", 0).is_err());
@@ -211,12 +252,20 @@ pub(crate) mod tests {
         assert!(SparseHeader::parse(&lie, "t", 0).is_err());
         let mut lie = b;
         lie[75] = b'\n';
-        assert!(SparseHeader::parse(&lie, "t", 0).unwrap_err().to_string().contains("text mode"));
+        assert!(
+            SparseHeader::parse(&lie, "t", 0)
+                .unwrap_err()
+                .to_string()
+                .contains("text mode")
+        );
         let mut lie = b;
         lie[0] = b'X';
         assert!(SparseHeader::parse(&lie, "t", 0).is_err());
         let mut lie = b;
         lie[4] = 9;
-        assert!(matches!(SparseHeader::parse(&lie, "t", 0), Err(Error::Unsupported { .. })));
+        assert!(matches!(
+            SparseHeader::parse(&lie, "t", 0),
+            Err(Error::Unsupported { .. })
+        ));
     }
 }

@@ -21,7 +21,10 @@ pub use super::stream_reader::StreamReader;
 enum Source {
     Sparse(SparseExtent),
     /// A flat file, from a byte offset.
-    Flat { file: ImageFile, offset: u64 },
+    Flat {
+        file: ImageFile,
+        offset: u64,
+    },
     Zero,
 }
 
@@ -51,7 +54,11 @@ pub fn open(fs: &dyn FileSystem, file: ImageFile) -> Result<Arc<dyn Layer>> {
 impl VmdkLayer {
     /// Opens `file`, a sparse extent or a descriptor.
     pub fn open(fs: &dyn FileSystem, file: ImageFile) -> Result<Self> {
-        let magic: [u8; 4] = if file.len() >= 4 { file.read_array(0, "VMDK magic")? } else { [0; 4] };
+        let magic: [u8; 4] = if file.len() >= 4 {
+            file.read_array(0, "VMDK magic")?
+        } else {
+            [0; 4]
+        };
         if &magic == MAGIC {
             Self::open_sparse(file)
         } else {
@@ -68,7 +75,10 @@ impl VmdkLayer {
         let descriptor = extent.descriptor.take().unwrap_or_default();
         let mut warnings = std::mem::take(&mut extent.warnings);
         if descriptor.extents.len() > 1 {
-            return Err(Error::unsupported(&name, "a sparse extent whose embedded descriptor lists several extents"));
+            return Err(Error::unsupported(
+                &name,
+                "a sparse extent whose embedded descriptor lists several extents",
+            ));
         }
         let capacity = extent.capacity_bytes();
         if let Some(line) = descriptor.extents.first() {
@@ -80,26 +90,55 @@ impl VmdkLayer {
                 ));
             }
         }
-        let default_type = if extent.header().compressed() { "streamOptimized" } else { "monolithicSparse" };
+        let default_type = if extent.header().compressed() {
+            "streamOptimized"
+        } else {
+            "monolithicSparse"
+        };
         let grain = extent.header().grain_bytes();
-        let pieces = vec![Piece { start: 0, len: capacity, source: Source::Sparse(extent) }];
-        let info = layer_info(&name, &descriptor, default_type, capacity, Some(grain), warnings)?;
+        let pieces = vec![Piece {
+            start: 0,
+            len: capacity,
+            source: Source::Sparse(extent),
+        }];
+        let info = layer_info(
+            &name,
+            &descriptor,
+            default_type,
+            capacity,
+            Some(grain),
+            warnings,
+        )?;
         Ok(Self { info, pieces })
     }
 
     fn open_descriptor(fs: &dyn FileSystem, file: ImageFile) -> Result<Self> {
         let name = file.name().to_owned();
         if file.len() > MAX_DESCRIPTOR_BYTES {
-            return Err(Error::corrupt(&name, "VMDK descriptor", 0, format!(
-                "a {}-byte file is neither a sparse extent nor a descriptor (at most {MAX_DESCRIPTOR_BYTES} bytes)",
-                file.len()
-            )));
+            return Err(Error::corrupt(
+                &name,
+                "VMDK descriptor",
+                0,
+                format!(
+                    "a {}-byte file is neither a sparse extent nor a descriptor (at most {MAX_DESCRIPTOR_BYTES} bytes)",
+                    file.len()
+                ),
+            ));
         }
-        let text = file.read_vec(usize::try_from(file.len()).unwrap_or(0), 0, "VMDK descriptor")?;
+        let text = file.read_vec(
+            usize::try_from(file.len()).unwrap_or(0),
+            0,
+            "VMDK descriptor",
+        )?;
         let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
         let descriptor = Descriptor::parse(&text[..end], &name, 0)?;
         if descriptor.extents.is_empty() {
-            return Err(Error::corrupt(&name, "VMDK descriptor", 0, "no extent lines"));
+            return Err(Error::corrupt(
+                &name,
+                "VMDK descriptor",
+                0,
+                "no extent lines",
+            ));
         }
         let mut pieces = Vec::with_capacity(descriptor.extents.len());
         let mut warnings = Vec::new();
@@ -110,18 +149,32 @@ impl VmdkLayer {
                 .sectors
                 .checked_mul(SECTOR)
                 .filter(|_| line.sectors <= MAX_CAPACITY_SECTORS)
-                .ok_or_else(|| Error::corrupt(&name, "VMDK descriptor", 0, format!("an extent of {} sectors", line.sectors)))?;
+                .ok_or_else(|| {
+                    Error::corrupt(
+                        &name,
+                        "VMDK descriptor",
+                        0,
+                        format!("an extent of {} sectors", line.sectors),
+                    )
+                })?;
             if line.access == Access::NoAccess {
                 return Err(Error::unsupported(&name, "NOACCESS extents"));
             }
             let source = match line.kind {
                 ExtentType::Zero => Source::Zero,
-                ExtentType::Other(kind) => return Err(Error::unsupported(&name, format!("{kind} extents"))),
+                ExtentType::Other(kind) => {
+                    return Err(Error::unsupported(&name, format!("{kind} extents")));
+                }
                 ExtentType::Sparse | ExtentType::Flat => {
                     let reference = line.file.as_deref().unwrap_or_default();
                     let path = fs.resolve(&name, reference);
                     if fs.identity(&path) == fs.identity(&name) {
-                        return Err(Error::corrupt(&name, "VMDK descriptor", 0, format!("extent {reference:?} is the descriptor itself")));
+                        return Err(Error::corrupt(
+                            &name,
+                            "VMDK descriptor",
+                            0,
+                            format!("extent {reference:?} is the descriptor itself"),
+                        ));
                     }
                     let extent_file = fs.open(&path)?;
                     if line.kind == ExtentType::Sparse {
@@ -134,7 +187,10 @@ impl VmdkLayer {
                         Source::Sparse(extent)
                     } else {
                         let offset = line.offset.checked_mul(SECTOR).unwrap_or(u64::MAX);
-                        if offset.checked_add(len).is_none_or(|end| end > extent_file.len()) {
+                        if offset
+                            .checked_add(len)
+                            .is_none_or(|end| end > extent_file.len())
+                        {
                             return Err(Error::Truncated {
                                 file: path,
                                 structure: "VMDK flat extent",
@@ -143,7 +199,10 @@ impl VmdkLayer {
                                 file_len: extent_file.len(),
                             });
                         }
-                        Source::Flat { file: extent_file, offset }
+                        Source::Flat {
+                            file: extent_file,
+                            offset,
+                        }
                     }
                 }
             };
@@ -153,7 +212,14 @@ impl VmdkLayer {
             start = start
                 .checked_add(len)
                 .filter(|&s| s <= MAX_CAPACITY_SECTORS * SECTOR)
-                .ok_or_else(|| Error::corrupt(&name, "VMDK descriptor", 0, "the extents add up to more than 64 TiB"))?;
+                .ok_or_else(|| {
+                    Error::corrupt(
+                        &name,
+                        "VMDK descriptor",
+                        0,
+                        "the extents add up to more than 64 TiB",
+                    )
+                })?;
         }
         let info = layer_info(&name, &descriptor, "monolithicFlat", start, grain, warnings)?;
         Ok(Self { info, pieces })
@@ -177,20 +243,40 @@ pub(super) fn layer_info(
     let parent = match d.parent_cid {
         None => None,
         Some(cid) => {
-            let hint = d.parent_hint.as_deref().filter(|h| !h.is_empty()).ok_or_else(|| {
-                Error::corrupt(name, "VMDK descriptor", 0, "parentCID names a parent but there is no parentFileNameHint")
-            })?;
+            let hint = d
+                .parent_hint
+                .as_deref()
+                .filter(|h| !h.is_empty())
+                .ok_or_else(|| {
+                    Error::corrupt(
+                        name,
+                        "VMDK descriptor",
+                        0,
+                        "parentCID names a parent but there is no parentFileNameHint",
+                    )
+                })?;
             let hint = hint.replace('\\', "/");
             let mut candidates = vec![hint.clone()];
-            if let Some(base) = hint.rsplit('/').next().filter(|b| !b.is_empty() && *b != hint) {
+            if let Some(base) = hint
+                .rsplit('/')
+                .next()
+                .filter(|b| !b.is_empty() && *b != hint)
+            {
                 candidates.push(base.to_owned());
             }
-            Some(ParentRef { candidates, expected_id: Some(ImageId::VmdkCid(cid)) })
+            Some(ParentRef {
+                candidates,
+                expected_id: Some(ImageId::VmdkCid(cid)),
+            })
         }
     };
     Ok(LayerInfo {
         format: Format::Vmdk,
-        subformat: if d.create_type.is_empty() { default_type.to_owned() } else { d.create_type.clone() },
+        subformat: if d.create_type.is_empty() {
+            default_type.to_owned()
+        } else {
+            d.create_type.clone()
+        },
         virtual_size_bytes: size,
         cluster_size_bytes: grain,
         parent,
@@ -232,12 +318,16 @@ impl Layer for VmdkLayer {
             }
             let from = offset.max(piece.start);
             let to = end.min(piece.start + piece.len);
-            let at = usize::try_from(from - offset).map_err(|_| Error::InvalidInput("read too large".into()))?;
-            let n = usize::try_from(to - from).map_err(|_| Error::InvalidInput("read too large".into()))?;
+            let at = usize::try_from(from - offset)
+                .map_err(|_| Error::InvalidInput("read too large".into()))?;
+            let n = usize::try_from(to - from)
+                .map_err(|_| Error::InvalidInput("read too large".into()))?;
             let dst = &mut buf[at..at + n];
             match &piece.source {
                 Source::Sparse(s) => s.read(dst, from - piece.start)?,
-                Source::Flat { file, offset: base } => file.read(dst, base + (from - piece.start), "VMDK flat extent")?,
+                Source::Flat { file, offset: base } => {
+                    file.read(dst, base + (from - piece.start), "VMDK flat extent")?
+                }
                 Source::Zero => dst.fill(0),
             }
         }

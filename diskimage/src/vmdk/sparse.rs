@@ -7,8 +7,9 @@ use rehost_core::ExtentKind;
 use super::descriptor::{Descriptor, MAX_DESCRIPTOR_BYTES};
 use super::grain::inflate;
 use super::header::{
-    FLAG_REDUNDANT_GT, GD_AT_END, GRAIN_MARKER_SIZE, GTE_UNALLOCATED, GTE_ZERO, HEADER_SIZE, MARKER_EOS,
-    MARKER_FOOTER, MAX_GD_ENTRIES, MAX_GTES_PER_GT, Marker, SECTOR, SparseHeader, max_compressed_size,
+    FLAG_REDUNDANT_GT, GD_AT_END, GRAIN_MARKER_SIZE, GTE_UNALLOCATED, GTE_ZERO, HEADER_SIZE,
+    MARKER_EOS, MARKER_FOOTER, MAX_GD_ENTRIES, MAX_GTES_PER_GT, Marker, SECTOR, SparseHeader,
+    max_compressed_size,
 };
 use crate::error::{Error, Result};
 use crate::io::{ImageFile, le};
@@ -42,7 +43,13 @@ impl SparseExtent {
             header = read_footer(&file, &header)?;
         }
         let descriptor = read_embedded_descriptor(&file, &header)?;
-        let mut extent = Self { file, header, gd: Vec::new(), descriptor, warnings: Vec::new() };
+        let mut extent = Self {
+            file,
+            header,
+            gd: Vec::new(),
+            descriptor,
+            warnings: Vec::new(),
+        };
         extent.load_gd()?;
         Ok(extent)
     }
@@ -67,8 +74,15 @@ impl SparseExtent {
         let bytes = entries * 4;
         let offset = sector.checked_mul(SECTOR);
         match offset {
-            Some(off) if sector != 0 && off.checked_add(bytes).is_some_and(|end| end <= self.file.len()) => {
-                let len = usize::try_from(bytes).map_err(|_| Error::unsupported(self.file.name(), "grain directory too large"))?;
+            Some(off)
+                if sector != 0
+                    && off
+                        .checked_add(bytes)
+                        .is_some_and(|end| end <= self.file.len()) =>
+            {
+                let len = usize::try_from(bytes).map_err(|_| {
+                    Error::unsupported(self.file.name(), "grain directory too large")
+                })?;
                 let raw = self.file.read_vec(len, off, what)?;
                 Ok(Some(raw.chunks_exact(4).map(|c| le::u32(c, 0)).collect()))
             }
@@ -88,10 +102,14 @@ impl SparseExtent {
         let name = self.file.name().to_owned();
         let entries = self.header.gd_entries();
         if entries > MAX_GD_ENTRIES {
-            return Err(Error::unsupported(&name, format!("a grain directory of {entries} entries (at most {MAX_GD_ENTRIES})")));
+            return Err(Error::unsupported(
+                &name,
+                format!("a grain directory of {entries} entries (at most {MAX_GD_ENTRIES})"),
+            ));
         }
         let primary = self.read_gd(self.header.gd_offset, "VMDK grain directory")?;
-        let redundant = if self.header.flags & FLAG_REDUNDANT_GT != 0 && self.header.rgd_offset != 0 {
+        let redundant = if self.header.flags & FLAG_REDUNDANT_GT != 0 && self.header.rgd_offset != 0
+        {
             self.read_gd(self.header.rgd_offset, "VMDK redundant grain directory")?
         } else {
             None
@@ -108,11 +126,16 @@ impl SparseExtent {
                 return self.check_entries(gd_pos);
             }
             (None, None) => {
-                return Err(Error::corrupt(&name, "VMDK grain directory", gd_pos, format!(
-                    "{entries} entries at sector {} do not fit in the file of {} bytes",
-                    self.header.gd_offset,
-                    self.file.len()
-                )));
+                return Err(Error::corrupt(
+                    &name,
+                    "VMDK grain directory",
+                    gd_pos,
+                    format!(
+                        "{entries} entries at sector {} do not fit in the file of {} bytes",
+                        self.header.gd_offset,
+                        self.file.len()
+                    ),
+                ));
             }
         };
         let Some(redundant) = redundant else {
@@ -155,7 +178,9 @@ impl SparseExtent {
             self.warnings.push(format!("{fixed} grain directory entries were damaged and taken from the redundant directory"));
         }
         if disagree > 0 {
-            self.warnings.push(format!("{disagree} grain tables disagree with the redundant grain directory"));
+            self.warnings.push(format!(
+                "{disagree} grain tables disagree with the redundant grain directory"
+            ));
         }
         self.gd = merged;
         self.check_entries(gd_pos)
@@ -164,10 +189,15 @@ impl SparseExtent {
     fn check_entries(&self, gd_pos: u64) -> Result<()> {
         for (i, &e) in self.gd.iter().enumerate() {
             if e != 0 && !self.gt_fits(e) {
-                return Err(Error::corrupt(self.file.name(), "VMDK grain directory", gd_pos + i as u64 * 4, format!(
-                    "entry {i} points to a grain table at sector {e}, outside the file of {} bytes",
-                    self.file.len()
-                )));
+                return Err(Error::corrupt(
+                    self.file.name(),
+                    "VMDK grain directory",
+                    gd_pos + i as u64 * 4,
+                    format!(
+                        "entry {i} points to a grain table at sector {e}, outside the file of {} bytes",
+                        self.file.len()
+                    ),
+                ));
             }
         }
         Ok(())
@@ -175,7 +205,8 @@ impl SparseExtent {
 
     fn read_gt(&self, sector: u32) -> Result<Vec<u8>> {
         let len = usize::try_from(self.gt_bytes()).unwrap_or(usize::MAX);
-        self.file.read_vec(len, u64::from(sector) * SECTOR, "VMDK grain table")
+        self.file
+            .read_vec(len, u64::from(sector) * SECTOR, "VMDK grain table")
     }
 
     /// A grain table whose entries all point inside the file (or are 0/1).
@@ -189,7 +220,12 @@ impl SparseExtent {
 
     /// Calls `f(grain, entry)` for `count` grains from `first`, reading each grain table's
     /// needed slice once (never the whole set of tables).
-    fn for_each_gte(&self, first: u64, count: u64, mut f: impl FnMut(u64, u32) -> Result<()>) -> Result<()> {
+    fn for_each_gte(
+        &self,
+        first: u64,
+        count: u64,
+        mut f: impl FnMut(u64, u32) -> Result<()>,
+    ) -> Result<()> {
         let per_gt = u64::from(self.header.gtes_per_gt);
         let mut buf = [0u8; MAX_GTES_PER_GT as usize * 4];
         let end = first + count;
@@ -198,14 +234,22 @@ impl SparseExtent {
             let gt_index = g / per_gt;
             let in_gt = g % per_gt;
             let n = (per_gt - in_gt).min(end - g);
-            let gt_sector = usize::try_from(gt_index).ok().and_then(|i| self.gd.get(i)).copied().unwrap_or(0);
+            let gt_sector = usize::try_from(gt_index)
+                .ok()
+                .and_then(|i| self.gd.get(i))
+                .copied()
+                .unwrap_or(0);
             if gt_sector == 0 {
                 for i in 0..n {
                     f(g + i, GTE_UNALLOCATED)?;
                 }
             } else {
                 let slice = &mut buf[..usize::try_from(n * 4).unwrap_or(0)];
-                self.file.read(slice, u64::from(gt_sector) * SECTOR + in_gt * 4, "VMDK grain table")?;
+                self.file.read(
+                    slice,
+                    u64::from(gt_sector) * SECTOR + in_gt * 4,
+                    "VMDK grain table",
+                )?;
                 for (i, c) in slice.chunks_exact(4).enumerate() {
                     f(g + i as u64, le::u32(c, 0))?;
                 }
@@ -231,14 +275,19 @@ impl SparseExtent {
                 Ok(())
             })?;
         }
-        map.push(base + offset + inside, len - inside, ExtentKind::Unallocated);
+        map.push(
+            base + offset + inside,
+            len - inside,
+            ExtentKind::Unallocated,
+        );
         Ok(())
     }
 
     /// Reads `buf.len()` bytes at `offset` of this extent; unallocated grains read as zero.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let cap = self.capacity_bytes();
-        let inside = usize::try_from((buf.len() as u64).min(cap.saturating_sub(offset))).unwrap_or(0);
+        let inside =
+            usize::try_from((buf.len() as u64).min(cap.saturating_sub(offset))).unwrap_or(0);
         let (head, tail) = buf.split_at_mut(inside);
         tail.fill(0);
         if head.is_empty() {
@@ -247,7 +296,13 @@ impl SparseExtent {
         let gb = self.header.grain_bytes();
         let first = offset / gb;
         let last = (offset + inside as u64 - 1) / gb;
-        let mut ctx = ReadCtx { ext: self, pending: None, dec: None, comp: Vec::new(), grain: Vec::new() };
+        let mut ctx = ReadCtx {
+            ext: self,
+            pending: None,
+            dec: None,
+            comp: Vec::new(),
+            grain: Vec::new(),
+        };
         self.for_each_gte(first, last - first + 1, |g, gte| {
             let start = (g * gb).max(offset);
             let stop = ((g + 1) * gb).min(offset + inside as u64);
@@ -280,7 +335,15 @@ struct ReadCtx<'a> {
 }
 
 impl ReadCtx<'_> {
-    fn grain(&mut self, buf: &mut [u8], at: usize, len: usize, g: u64, gte: u32, in_grain: u64) -> Result<()> {
+    fn grain(
+        &mut self,
+        buf: &mut [u8],
+        at: usize,
+        len: usize,
+        g: u64,
+        gte: u32,
+        in_grain: u64,
+    ) -> Result<()> {
         let piece = &mut buf[at..at + len];
         if gte <= GTE_ZERO {
             piece.fill(0);
@@ -305,7 +368,9 @@ impl ReadCtx<'_> {
 
     fn flush(&mut self, buf: &mut [u8]) -> Result<()> {
         if let Some((at, off, len)) = self.pending.take() {
-            self.ext.file.read(&mut buf[at..at + len], off, "VMDK grain")?;
+            self.ext
+                .file
+                .read(&mut buf[at..at + len], off, "VMDK grain")?;
         }
         Ok(())
     }
@@ -320,14 +385,24 @@ impl ReadCtx<'_> {
         let (lba, size) = (le::u64(&m, 0), u64::from(le::u32(&m, 8)));
         let gb = h.grain_bytes();
         if lba != g * h.grain_size {
-            return Err(bad(format!("its marker says LBA {lba}, the grain table says {}", g * h.grain_size)));
+            return Err(bad(format!(
+                "its marker says LBA {lba}, the grain table says {}",
+                g * h.grain_size
+            )));
         }
         if size == 0 || size > max_compressed_size(gb) {
-            return Err(bad(format!("compressed size {size} is not in 1..={}", max_compressed_size(gb))));
+            return Err(bad(format!(
+                "compressed size {size} is not in 1..={}",
+                max_compressed_size(gb)
+            )));
         }
         let size = usize::try_from(size).map_err(|_| bad("size overflows".into()))?;
         self.comp.resize(size, 0);
-        ext.file.read(&mut self.comp, file_off + GRAIN_MARKER_SIZE as u64, "VMDK compressed grain")?;
+        ext.file.read(
+            &mut self.comp,
+            file_off + GRAIN_MARKER_SIZE as u64,
+            "VMDK compressed grain",
+        )?;
         // The last grain of a disk whose size is not a multiple of the grain may hold only
         // the bytes up to the capacity (qemu writes it so) or a whole grain.
         let valid = gb.min(ext.capacity_bytes() - g * gb);
@@ -335,7 +410,9 @@ impl ReadCtx<'_> {
         if in_grain == 0 && piece.len() as u64 == gb {
             let n = inflate(dec, &self.comp, piece).map_err(&bad)?;
             if n != piece.len() {
-                return Err(bad(format!("decompresses to {n} bytes, not the grain's {gb}")));
+                return Err(bad(format!(
+                    "decompresses to {n} bytes, not the grain's {gb}"
+                )));
             }
             return Ok(());
         }
@@ -343,10 +420,15 @@ impl ReadCtx<'_> {
         self.grain.resize(gb_usize, 0);
         let n = inflate(dec, &self.comp, &mut self.grain).map_err(&bad)?;
         if n as u64 != gb && n as u64 != valid {
-            return Err(bad(format!("decompresses to {n} bytes, not the grain's {gb}")));
+            return Err(bad(format!(
+                "decompresses to {n} bytes, not the grain's {gb}"
+            )));
         }
         let start = usize::try_from(in_grain).map_err(|_| bad("offset overflows".into()))?;
-        let src = self.grain.get(start..start + piece.len()).ok_or_else(|| bad("grain too short".into()))?;
+        let src = self
+            .grain
+            .get(start..start + piece.len())
+            .ok_or_else(|| bad("grain too short".into()))?;
         piece.copy_from_slice(src);
         Ok(())
     }
@@ -371,18 +453,40 @@ fn read_footer(file: &ImageFile, header: &SparseHeader) -> Result<SparseHeader> 
     let eos_at = len - SECTOR;
     let marker = Marker::parse(&file.read_array(marker_at, "VMDK footer marker")?);
     if marker.size != 0 || marker.kind != MARKER_FOOTER {
-        return Err(Error::corrupt(name, "VMDK footer marker", marker_at, "the header's gdOffset says the directory is at the end, but there is no footer marker three sectors before the end"));
+        return Err(Error::corrupt(
+            name,
+            "VMDK footer marker",
+            marker_at,
+            "the header's gdOffset says the directory is at the end, but there is no footer marker three sectors before the end",
+        ));
     }
     let eos = Marker::parse(&file.read_array(eos_at, "VMDK end-of-stream marker")?);
     if eos.size != 0 || eos.kind != MARKER_EOS || eos.val != 0 {
-        return Err(Error::corrupt(name, "VMDK end-of-stream marker", eos_at, "the last sector is not an end-of-stream marker"));
+        return Err(Error::corrupt(
+            name,
+            "VMDK end-of-stream marker",
+            eos_at,
+            "the last sector is not an end-of-stream marker",
+        ));
     }
     let footer = SparseHeader::parse(&file.read_array(footer_at, "VMDK footer")?, name, footer_at)?;
     if footer.gd_offset == GD_AT_END {
-        return Err(Error::corrupt(name, "VMDK footer", footer_at, "the footer's gdOffset is also GD_AT_END"));
+        return Err(Error::corrupt(
+            name,
+            "VMDK footer",
+            footer_at,
+            "the footer's gdOffset is also GD_AT_END",
+        ));
     }
-    if (footer.capacity, footer.grain_size, footer.gtes_per_gt) != (header.capacity, header.grain_size, header.gtes_per_gt) {
-        return Err(Error::corrupt(name, "VMDK footer", footer_at, "the footer's geometry differs from the header's"));
+    if (footer.capacity, footer.grain_size, footer.gtes_per_gt)
+        != (header.capacity, header.grain_size, header.gtes_per_gt)
+    {
+        return Err(Error::corrupt(
+            name,
+            "VMDK footer",
+            footer_at,
+            "the footer's geometry differs from the header's",
+        ));
     }
     Ok(footer)
 }
@@ -396,9 +500,18 @@ fn read_embedded_descriptor(file: &ImageFile, h: &SparseHeader) -> Result<Option
     let offset = h.descriptor_offset.saturating_mul(SECTOR);
     let size = h.descriptor_size.saturating_mul(SECTOR);
     if size > MAX_DESCRIPTOR_BYTES {
-        return Err(Error::corrupt(name, "VMDK embedded descriptor", offset, format!("{size} bytes is larger than the {MAX_DESCRIPTOR_BYTES} we accept")));
+        return Err(Error::corrupt(
+            name,
+            "VMDK embedded descriptor",
+            offset,
+            format!("{size} bytes is larger than the {MAX_DESCRIPTOR_BYTES} we accept"),
+        ));
     }
-    let text = file.read_vec(usize::try_from(size).unwrap_or(0), offset, "VMDK embedded descriptor")?;
+    let text = file.read_vec(
+        usize::try_from(size).unwrap_or(0),
+        offset,
+        "VMDK embedded descriptor",
+    )?;
     let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
     Descriptor::parse(&text[..end], name, offset).map(Some)
 }

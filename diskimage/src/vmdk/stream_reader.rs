@@ -13,7 +13,8 @@ use rehost_core::Extent;
 use super::descriptor::{Descriptor, MAX_DESCRIPTOR_BYTES};
 use super::grain::inflate;
 use super::header::{
-    GRAIN_MARKER_SIZE, HEADER_SIZE, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, MAX_GD_ENTRIES, Marker, SECTOR, SparseHeader, max_compressed_size,
+    GRAIN_MARKER_SIZE, HEADER_SIZE, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT,
+    MAX_GD_ENTRIES, Marker, SECTOR, SparseHeader, max_compressed_size,
 };
 use super::reader::layer_info;
 use crate::error::{Error, Result};
@@ -48,21 +49,46 @@ impl<R: Read> Input<R> {
                 needed: buf.len() as u64,
                 file_len: self.pos,
             }),
-            Err(source) => Err(Error::Io { file: self.name.clone(), op: "read", structure, offset: self.pos, source }),
+            Err(source) => Err(Error::Io {
+                file: self.name.clone(),
+                op: "read",
+                structure,
+                offset: self.pos,
+                source,
+            }),
         }
     }
 
     /// Discards input up to `target`, which must not be behind us.
     fn skip_to(&mut self, target: u64, structure: &'static str) -> Result<()> {
         if target < self.pos {
-            return Err(Error::corrupt(&self.name, structure, target, format!("lies before offset {} already read", self.pos)));
+            return Err(Error::corrupt(
+                &self.name,
+                structure,
+                target,
+                format!("lies before offset {} already read", self.pos),
+            ));
         }
         let want = target - self.pos;
-        let copied = io::copy(&mut (&mut self.inner).take(want), &mut io::sink())
-            .map_err(|source| Error::Io { file: self.name.clone(), op: "read", structure, offset: self.pos, source })?;
+        let copied =
+            io::copy(&mut (&mut self.inner).take(want), &mut io::sink()).map_err(|source| {
+                Error::Io {
+                    file: self.name.clone(),
+                    op: "read",
+                    structure,
+                    offset: self.pos,
+                    source,
+                }
+            })?;
         self.pos += copied;
         if copied < want {
-            return Err(Error::Truncated { file: self.name.clone(), structure, offset: target, needed: 0, file_len: self.pos });
+            return Err(Error::Truncated {
+                file: self.name.clone(),
+                structure,
+                offset: target,
+                needed: 0,
+                file_len: self.pos,
+            });
         }
         Ok(())
     }
@@ -91,19 +117,31 @@ pub struct StreamReader<R: Read> {
 impl<R: Read> StreamReader<R> {
     /// Reads the header; `name` is used in errors.
     pub fn new(input: R, name: String) -> Result<Self> {
-        let mut input = Input { inner: input, name, pos: 0 };
+        let mut input = Input {
+            inner: input,
+            name,
+            pos: 0,
+        };
         let mut head = [0u8; HEADER_SIZE];
         input.read_exact(&mut head, "VMDK sparse header")?;
         let h = SparseHeader::parse(&head, &input.name, 0)?;
         if !h.compressed() {
-            return Err(Error::unsupported(&input.name, "reading a sparse VMDK that is not streamOptimized from a stream"));
+            return Err(Error::unsupported(
+                &input.name,
+                "reading a sparse VMDK that is not streamOptimized from a stream",
+            ));
         }
         let mut descriptor = Descriptor::default();
         if h.descriptor_offset != 0 && h.descriptor_size != 0 {
             let at = h.descriptor_offset.saturating_mul(SECTOR);
             let size = h.descriptor_size.saturating_mul(SECTOR);
             if size > MAX_DESCRIPTOR_BYTES {
-                return Err(Error::corrupt(&input.name, "VMDK embedded descriptor", at, "larger than 1 MiB"));
+                return Err(Error::corrupt(
+                    &input.name,
+                    "VMDK embedded descriptor",
+                    at,
+                    "larger than 1 MiB",
+                ));
             }
             input.skip_to(at, "VMDK embedded descriptor")?;
             let mut text = vec![0u8; usize::try_from(size).unwrap_or(0)];
@@ -113,7 +151,14 @@ impl<R: Read> StreamReader<R> {
         }
         input.skip_to(h.overhead.saturating_mul(SECTOR), "VMDK grains")?;
         let capacity = h.capacity * SECTOR;
-        let info = layer_info(&input.name, &descriptor, "streamOptimized", capacity, Some(h.grain_bytes()), Vec::new())?;
+        let info = layer_info(
+            &input.name,
+            &descriptor,
+            "streamOptimized",
+            capacity,
+            Some(h.grain_bytes()),
+            Vec::new(),
+        )?;
         Ok(Self {
             input,
             info,
@@ -137,7 +182,10 @@ impl<R: Read> StreamReader<R> {
     fn flush_pending(&mut self) {
         if !self.pending.is_empty() {
             let data = self.pending.split().freeze();
-            self.out.push_back(Extent::Data { offset: self.pending_offset, data });
+            self.out.push_back(Extent::Data {
+                offset: self.pending_offset,
+                data,
+            });
         }
     }
 
@@ -145,7 +193,10 @@ impl<R: Read> StreamReader<R> {
     fn step(&mut self) -> Result<()> {
         let at = self.input.pos;
         let mut sector = [0u8; SECTOR as usize];
-        self.input.read_exact(&mut sector, "VMDK marker (the stream ends without an end-of-stream marker)")?;
+        self.input.read_exact(
+            &mut sector,
+            "VMDK marker (the stream ends without an end-of-stream marker)",
+        )?;
         let mut first = [0u8; 16];
         first.copy_from_slice(&sector[..16]);
         let marker = Marker::parse(&first);
@@ -154,7 +205,10 @@ impl<R: Read> StreamReader<R> {
                 self.flush_pending();
                 let capacity = self.info.virtual_size_bytes;
                 if self.next_virtual < capacity {
-                    self.out.push_back(Extent::Unchanged { offset: self.next_virtual, len: capacity - self.next_virtual });
+                    self.out.push_back(Extent::Unchanged {
+                        offset: self.next_virtual,
+                        len: capacity - self.next_virtual,
+                    });
                 }
                 self.finished = true;
                 return Ok(());
@@ -162,12 +216,24 @@ impl<R: Read> StreamReader<R> {
             // Grain table, directory, footer: the random-access reader's business; a stream
             // only skips them.
             if !matches!(marker.kind, MARKER_GT | MARKER_GD | MARKER_FOOTER) {
-                return Err(Error::corrupt(&self.input.name, "VMDK marker", at, format!("unknown marker type {}", marker.kind)));
+                return Err(Error::corrupt(
+                    &self.input.name,
+                    "VMDK marker",
+                    at,
+                    format!("unknown marker type {}", marker.kind),
+                ));
             }
             if marker.val > MAX_METADATA_SECTORS {
-                return Err(Error::corrupt(&self.input.name, "VMDK marker", at, format!("announces {} sectors of metadata", marker.val)));
+                return Err(Error::corrupt(
+                    &self.input.name,
+                    "VMDK marker",
+                    at,
+                    format!("announces {} sectors of metadata", marker.val),
+                ));
             }
-            return self.input.skip_to(at + SECTOR + marker.val * SECTOR, "VMDK metadata");
+            return self
+                .input
+                .skip_to(at + SECTOR + marker.val * SECTOR, "VMDK metadata");
         }
         self.grain(at, marker, &sector)
     }
@@ -179,7 +245,10 @@ impl<R: Read> StreamReader<R> {
         let bad = |reason: String| Error::corrupt(&name, "VMDK compressed grain", at, reason);
         let size = u64::from(marker.size);
         if size > max_compressed_size(gb) {
-            return Err(bad(format!("compressed size {size} exceeds {}", max_compressed_size(gb))));
+            return Err(bad(format!(
+                "compressed size {size} exceeds {}",
+                max_compressed_size(gb)
+            )));
         }
         let start = marker
             .val
@@ -187,7 +256,10 @@ impl<R: Read> StreamReader<R> {
             .filter(|&s| s < capacity)
             .ok_or_else(|| bad(format!("LBA {} is past the capacity", marker.val)))?;
         if marker.val % self.grain_sectors != 0 {
-            return Err(bad(format!("LBA {} is not at a grain boundary", marker.val)));
+            return Err(bad(format!(
+                "LBA {} is not at a grain boundary",
+                marker.val
+            )));
         }
         if start < self.next_virtual {
             return Err(bad(format!(
@@ -202,13 +274,17 @@ impl<R: Read> StreamReader<R> {
         self.comp.clear();
         self.comp.extend_from_slice(sector);
         self.comp.resize(total, 0);
-        self.input.read_exact(&mut self.comp[SECTOR as usize..], "VMDK compressed grain")?;
+        self.input
+            .read_exact(&mut self.comp[SECTOR as usize..], "VMDK compressed grain")?;
         let gb_usize = usize::try_from(gb).map_err(|_| bad("grain too large".into()))?;
         if start > self.next_virtual || self.pending.len() + gb_usize > MAX_DATA_EXTENT {
             self.flush_pending();
         }
         if start > self.next_virtual {
-            self.out.push_back(Extent::Unchanged { offset: self.next_virtual, len: start - self.next_virtual });
+            self.out.push_back(Extent::Unchanged {
+                offset: self.next_virtual,
+                len: start - self.next_virtual,
+            });
         }
         if self.pending.is_empty() {
             self.pending_offset = start;
@@ -219,9 +295,12 @@ impl<R: Read> StreamReader<R> {
         let input = &self.comp[GRAIN_MARKER_SIZE..GRAIN_MARKER_SIZE + size];
         let n = inflate(&mut self.dec, input, &mut self.pending[base..]).map_err(&bad)? as u64;
         if n != gb && n != valid {
-            return Err(bad(format!("decompresses to {n} bytes, not the grain's {gb}")));
+            return Err(bad(format!(
+                "decompresses to {n} bytes, not the grain's {gb}"
+            )));
         }
-        self.pending.truncate(base + usize::try_from(valid).unwrap_or(0));
+        self.pending
+            .truncate(base + usize::try_from(valid).unwrap_or(0));
         self.next_virtual = start + valid;
         Ok(())
     }

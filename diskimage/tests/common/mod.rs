@@ -43,7 +43,11 @@ pub fn qemu_io(args: &[&str]) {
         .args(args)
         .output()
         .expect("qemu-io must be installed (apt-get install qemu-utils)");
-    assert!(out.status.success(), "qemu-io {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-io {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A raw disk of `size` bytes with scattered data: some regions random-looking, some
@@ -65,7 +69,11 @@ pub fn pattern_raw(dir: &Path, name: &str, size: u64, seed: u64) -> PathBuf {
         let end = (start + len).min(bytes.len());
         let fill = next();
         for (i, b) in bytes[start..end].iter_mut().enumerate() {
-            *b = if fill % 3 == 0 { (fill >> 8) as u8 } else { ((fill >> (i % 57)) as u8) ^ (i as u8) };
+            *b = if fill % 3 == 0 {
+                (fill >> 8) as u8
+            } else {
+                ((fill >> (i % 57)) as u8) ^ (i as u8)
+            };
         }
     }
     let n = bytes.len();
