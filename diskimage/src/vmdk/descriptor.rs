@@ -20,7 +20,7 @@ pub enum Access {
     /// `RDONLY`.
     ReadOnly,
     /// `NOACCESS`.
-    NoAccess,
+    Denied,
 }
 
 /// What kind of extent a line describes.
@@ -147,7 +147,7 @@ fn parse_extent(line: &str) -> std::result::Result<ExtentLine, String> {
     let access = match fields.next() {
         Some("RW") => Access::ReadWrite,
         Some("RDONLY") => Access::ReadOnly,
-        _ => Access::NoAccess,
+        _ => Access::Denied,
     };
     let sectors = fields
         .next()

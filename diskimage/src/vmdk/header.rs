@@ -6,6 +6,8 @@ use crate::io::le;
 
 /// Bytes per sector: every VMDK offset and size is counted in 512-byte sectors.
 pub const SECTOR: u64 = 512;
+/// [`SECTOR`] as a buffer length.
+pub const SECTOR_BYTES: usize = 512;
 /// Size of the header (one sector; its tail is padding).
 pub const HEADER_SIZE: usize = 512;
 /// `magicNumber`: "KDMV", 0x564d444b read little-endian.

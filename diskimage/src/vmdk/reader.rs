@@ -157,7 +157,7 @@ impl VmdkLayer {
                         format!("an extent of {} sectors", line.sectors),
                     )
                 })?;
-            if line.access == Access::NoAccess {
+            if line.access == Access::Denied {
                 return Err(Error::unsupported(&name, "NOACCESS extents"));
             }
             let source = match line.kind {
@@ -186,7 +186,7 @@ impl VmdkLayer {
                         grain.get_or_insert(extent.header().grain_bytes());
                         Source::Sparse(extent)
                     } else {
-                        let offset = line.offset.checked_mul(SECTOR).unwrap_or(u64::MAX);
+                        let offset = line.offset.saturating_mul(SECTOR);
                         if offset
                             .checked_add(len)
                             .is_none_or(|end| end > extent_file.len())

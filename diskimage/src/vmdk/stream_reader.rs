@@ -14,7 +14,7 @@ use super::descriptor::{Descriptor, MAX_DESCRIPTOR_BYTES};
 use super::grain::inflate;
 use super::header::{
     GRAIN_MARKER_SIZE, HEADER_SIZE, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT,
-    MAX_GD_ENTRIES, Marker, SECTOR, SparseHeader, max_compressed_size,
+    MAX_GD_ENTRIES, Marker, SECTOR, SECTOR_BYTES, SparseHeader, max_compressed_size,
 };
 use super::reader::layer_info;
 use crate::error::{Error, Result};
@@ -192,7 +192,7 @@ impl<R: Read> StreamReader<R> {
     /// Reads one marker and queues what it yields.
     fn step(&mut self) -> Result<()> {
         let at = self.input.pos;
-        let mut sector = [0u8; SECTOR as usize];
+        let mut sector = [0u8; SECTOR_BYTES];
         self.input.read_exact(
             &mut sector,
             "VMDK marker (the stream ends without an end-of-stream marker)",
@@ -270,12 +270,12 @@ impl<R: Read> StreamReader<R> {
         let valid = gb.min(capacity - start);
         // The compressed bytes: the rest of the first sector, then whole sectors.
         let size = usize::try_from(size).map_err(|_| bad("too large".into()))?;
-        let total = (GRAIN_MARKER_SIZE + size).div_ceil(SECTOR as usize) * SECTOR as usize;
+        let total = (GRAIN_MARKER_SIZE + size).div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
         self.comp.clear();
         self.comp.extend_from_slice(sector);
         self.comp.resize(total, 0);
         self.input
-            .read_exact(&mut self.comp[SECTOR as usize..], "VMDK compressed grain")?;
+            .read_exact(&mut self.comp[SECTOR_BYTES..], "VMDK compressed grain")?;
         let gb_usize = usize::try_from(gb).map_err(|_| bad("grain too large".into()))?;
         if start > self.next_virtual || self.pending.len() + gb_usize > MAX_DATA_EXTENT {
             self.flush_pending();
