@@ -334,3 +334,82 @@ impl Layer for VmdkLayer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::MemFs;
+
+    fn open_text(fs: &MemFs, text: &str) -> Result<VmdkLayer> {
+        VmdkLayer::open(fs, ImageFile::from_bytes("dir/d.vmdk", text.to_owned()))
+    }
+
+    #[test]
+    fn parent_candidates_use_forward_slashes_then_the_bare_name() {
+        let fs = MemFs::new();
+        let layer = open_text(
+            &fs,
+            "CID=00000002\nparentCID=0000000a\nparentFileNameHint=\"C:\\vms\\b.vmdk\"\nRW 8 ZERO\n",
+        )
+        .unwrap();
+        let parent = layer.info().parent.clone().unwrap();
+        assert_eq!(
+            parent.candidates,
+            vec!["C:/vms/b.vmdk".to_owned(), "b.vmdk".to_owned()]
+        );
+        assert_eq!(parent.expected_id, Some(ImageId::VmdkCid(10)));
+        assert_eq!(layer.info().id, Some(ImageId::VmdkCid(2)));
+        assert_eq!(
+            layer.map_range(0, 4096).unwrap(),
+            vec![MapExtent {
+                offset: 0,
+                len: 4096,
+                kind: ExtentKind::Zero
+            }]
+        );
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_read() {
+        let mut fs = MemFs::new();
+        fs.insert("dir/flat.bin", vec![7u8; 4096]);
+        assert!(matches!(
+            open_text(&fs, "# nothing\n"),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(matches!(
+            open_text(&fs, "NOACCESS 8 FLAT \"flat.bin\" 0\n"),
+            Err(Error::Unsupported { .. })
+        ));
+        assert!(matches!(
+            open_text(&fs, "RW 8 VMFSSPARSE \"flat.bin\"\n"),
+            Err(Error::Unsupported { .. })
+        ));
+        assert!(matches!(
+            open_text(&fs, "RW 8 FLAT \"d.vmdk\" 0\n"),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(matches!(
+            open_text(&fs, "RW 8 FLAT \"missing.bin\" 0\n"),
+            Err(Error::Open { .. })
+        ));
+        assert!(matches!(
+            open_text(&fs, "RW 8 FLAT \"flat.bin\" 1\n"),
+            Err(Error::Truncated { .. })
+        ));
+        assert!(matches!(
+            open_text(&fs, "RW 8 SPARSE \"flat.bin\"\n"),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(matches!(
+            open_text(&fs, "RW 1152921504606846976 ZERO\n"),
+            Err(Error::Corrupt { .. })
+        ));
+        // A flat extent from an offset reads the right bytes; reads outside the disk are refused.
+        let layer = open_text(&fs, "RW 4 ZERO\nRW 7 FLAT \"flat.bin\" 1\n").unwrap();
+        let mut b = [1u8; 4];
+        layer.read_at(&mut b, 2046).unwrap();
+        assert_eq!(b, [0, 0, 7, 7]);
+        assert!(layer.read_at(&mut b, 11 * 512 - 2).is_err());
+    }
+}

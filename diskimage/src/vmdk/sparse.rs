@@ -169,8 +169,12 @@ impl SparseExtent {
                     disagree += 1;
                 }
                 p
+            } else if r_ok {
+                // The primary entry is damaged; the redundant one says "no table".
+                fixed += 1;
+                r
             } else {
-                0xffff_ffff // reported by check_entries
+                p // reported by check_entries
             };
             merged.push(pick);
         }
@@ -515,3 +519,7 @@ fn read_embedded_descriptor(file: &ImageFile, h: &SparseHeader) -> Result<Option
     let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
     Descriptor::parse(&text[..end], name, offset).map(Some)
 }
+
+#[cfg(test)]
+#[path = "sparse_tests.rs"]
+mod tests;

@@ -324,3 +324,127 @@ impl<R: Read> Iterator for StreamReader<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmdk::header::tests::header_bytes;
+    use crate::vmdk::header::{FLAG_COMPRESSED, FLAG_MARKERS, FLAG_VALID_NEWLINE};
+
+    const FLAGS: u32 = FLAG_VALID_NEWLINE | FLAG_COMPRESSED | FLAG_MARKERS;
+
+    /// A header with grains from sector 2, then `body`.
+    fn stream(capacity: u64, body: &[u8]) -> Vec<u8> {
+        let mut s = header_bytes(capacity, 8, FLAGS, 1, 0, 2).to_vec();
+        s.resize(1024, 0);
+        s.extend(body);
+        s
+    }
+
+    fn marker(val: u64, size: u32, kind: u32) -> Vec<u8> {
+        let mut m = vec![0u8; 512];
+        m[0..8].copy_from_slice(&val.to_le_bytes());
+        m[8..12].copy_from_slice(&size.to_le_bytes());
+        m[12..16].copy_from_slice(&kind.to_le_bytes());
+        m
+    }
+
+    fn first_error(bytes: &[u8]) -> Error {
+        match StreamReader::new(bytes, "s".into()) {
+            Err(e) => e,
+            Ok(mut r) => r.find_map(Result::err).expect("an error"),
+        }
+    }
+
+    #[test]
+    fn an_empty_stream_is_one_unchanged_extent() {
+        let mut body = marker(4, 0, MARKER_GD);
+        body.extend(vec![0u8; 4 * 512]);
+        body.extend(marker(0, 0, MARKER_EOS));
+        let bytes = stream(100, &body);
+        let r = StreamReader::new(&bytes[..], "s".into()).unwrap();
+        assert_eq!(
+            (r.info().virtual_size_bytes, r.info().cluster_size_bytes),
+            (51_200, Some(4096))
+        );
+        let all: Vec<_> = r.collect::<Result<_>>().unwrap();
+        assert_eq!(
+            all,
+            vec![Extent::Unchanged {
+                offset: 0,
+                len: 51_200
+            }]
+        );
+    }
+
+    #[test]
+    fn bad_markers_and_inputs_are_errors() {
+        let plain = header_bytes(100, 8, FLAG_VALID_NEWLINE, 1, 0, 2);
+        assert!(matches!(
+            StreamReader::new(&plain[..], "s".into()),
+            Err(Error::Unsupported { .. })
+        ));
+        assert!(
+            first_error(&stream(100, &marker(1, 0, 9)))
+                .to_string()
+                .contains("unknown marker type 9")
+        );
+        assert!(
+            first_error(&stream(100, &marker(u64::MAX, 0, MARKER_GT)))
+                .to_string()
+                .contains("metadata")
+        );
+        assert!(
+            first_error(&stream(100, &marker(3, 20, 0)))
+                .to_string()
+                .contains("grain boundary")
+        );
+        assert!(
+            first_error(&stream(100, &marker(800, 20, 0)))
+                .to_string()
+                .contains("past the capacity")
+        );
+        assert!(
+            first_error(&stream(100, &marker(0, u32::MAX, 0)))
+                .to_string()
+                .contains("exceeds")
+        );
+        assert!(matches!(
+            first_error(&stream(100, &marker(0, 2000, 0))),
+            Error::Truncated { .. }
+        ));
+        assert!(matches!(
+            first_error(&stream(100, &[])),
+            Error::Truncated { .. }
+        ));
+        // A grain whose data is not deflate.
+        let mut garbage = marker(0, 20, 0);
+        garbage[12..32].fill(0x77);
+        assert!(matches!(
+            first_error(&stream(100, &garbage)),
+            Error::Corrupt { offset: 1024, .. }
+        ));
+    }
+
+    /// A reader that fails with an I/O error after the header.
+    struct Failing(usize);
+    impl Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let header = header_bytes(100, 8, FLAGS, 1, 0, 1);
+            if self.0 >= header.len() {
+                return Err(io::Error::other("connection reset"));
+            }
+            let n = buf.len().min(header.len() - self.0);
+            buf[..n].copy_from_slice(&header[self.0..self.0 + n]);
+            self.0 += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn io_errors_end_the_iteration() {
+        let mut r = StreamReader::new(Failing(0), "s".into()).unwrap();
+        assert!(matches!(r.next(), Some(Err(Error::Io { .. }))));
+        assert!(r.next().is_none());
+    }
+}
