@@ -289,3 +289,35 @@ fn stream_footer_must_be_where_the_header_says() {
         Error::Truncated { .. }
     ));
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+    /// Whatever bytes are damaged, opening, mapping and reading (random access and as a
+    /// stream) end in a value or an error, never a panic or a hang.
+    #[test]
+    fn damaged_images_never_panic(
+        compressed in proptest::bool::ANY,
+        flips in proptest::collection::vec((0usize..sector(GRAINS) + 4 * GRAIN, proptest::num::u8::ANY), 1..8),
+    ) {
+        let (mut file, _) = image(SAMPLE, compressed);
+        for (at, x) in flips {
+            if let Some(b) = file.get_mut(at) {
+                *b ^= x.max(1);
+            }
+        }
+        if let Ok(ext) = open(file.clone()) {
+            let mut map = MapBuilder::new();
+            let _ = ext.map(0, CAPACITY * 512, 0, &mut map);
+            let mut all = vec![0u8; usize::try_from(CAPACITY).unwrap() * 512];
+            let _ = ext.read(&mut all, 0);
+            let _ = ext.read(&mut all[..777], 3000);
+        }
+        if let Ok(reader) = crate::vmdk::StreamReader::new(&file[..], "f".into()) {
+            for e in reader.take(10_000) {
+                if e.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
