@@ -308,3 +308,34 @@ fn parent_loops_are_refused() {
         Error::Corrupt { .. }
     ));
 }
+
+#[test]
+fn several_grain_tables_read_like_qemu() {
+    // 70 MiB spans three 32 MiB grain tables; data at both ends and across a table boundary.
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("sparse.raw");
+    qemu_img(&["create", "-f", "raw", p(&raw), "70M"]);
+    for cmd in [
+        "write -P 0x61 0 100k",
+        "write -P 0x62 32700k 200k",
+        "write -P 0x63 71670k 10k",
+    ] {
+        qemu_io(&["-f", "raw", "-c", cmd, p(&raw)]);
+    }
+    for subformat in ["monolithicSparse", "streamOptimized"] {
+        let image = convert(dir.path(), &raw, subformat);
+        let disk = check_matches_qemu(&image);
+        let data: Vec<_> = disk
+            .map_range(0, 70 * MIB)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == ExtentKind::Data)
+            .collect();
+        assert_eq!(data.len(), 3, "{subformat}: {data:?}");
+        assert_eq!(
+            (data[1].offset, data[1].len),
+            (510 * 65_536, 5 * 65_536),
+            "grains 510..=514"
+        );
+    }
+}
