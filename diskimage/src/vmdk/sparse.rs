@@ -208,7 +208,7 @@ impl SparseExtent {
     }
 
     fn read_gt(&self, sector: u32) -> Result<Vec<u8>> {
-        let len = usize::try_from(self.gt_bytes()).unwrap_or(usize::MAX);
+        let len = usize::try_from(self.gt_bytes()).unwrap_or(0); // at most 2 KiB
         self.file
             .read_vec(len, u64::from(sector) * SECTOR, "VMDK grain table")
     }
