@@ -60,7 +60,7 @@ m = rd("m.vmdk"); m[56:64] = struct.pack("<Q", 1 << 40); m[48:56] = struct.pack(
 wr("vmdk-gd-past-eof.err.vmdk", m)
 # VMDK descriptor naming a parent that loops back to itself.
 wr("vmdk-self-parent.err.vmdk", b'# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=12345678\n'
-   b'createType="monolithicFlat"\nparentFileNameHint="vmdk-self-parent.err.vmdk"\n'
-   b'RW 2048 FLAT "missing-flat.vmdk" 0\n')
+   b'createType="monolithicSparse"\nparentFileNameHint="vmdk-self-parent.err.vmdk"\n'
+   b'RW 2048 ZERO\n')
 PY
 ls -la
