@@ -5,6 +5,13 @@
 
 use rehost_core::SECTOR_SIZE;
 
+// The spec's flag bits and special values are shared with the reader; only what the
+// writers alone need is defined here.
+pub(crate) use crate::vmdk::header::{
+    COMPRESSION_DEFLATE, FLAG_COMPRESSED, FLAG_MARKERS, FLAG_REDUNDANT_GT, FLAG_VALID_NEWLINE,
+    GD_AT_END, GTE_ZERO,
+};
+
 /// `magicNumber`: "KDMV" read as a little-endian u32 (spec: `SPARSE_MAGICNUMBER 0x564d444b`).
 pub(crate) const MAGIC: u32 = 0x564d_444b;
 /// Header `version` of a plain hosted sparse extent (spec 1.1).
@@ -15,22 +22,9 @@ pub(crate) const VERSION_ZERO_GRAIN: u32 = 2;
 /// Header `version` of a streamOptimized extent (what ExportVm and qemu write).
 pub(crate) const VERSION_STREAM: u32 = 3;
 
-/// Flag bit 0: the newline-detection characters below are valid.
-pub(crate) const FLAG_VALID_NEWLINE: u32 = 1 << 0;
-/// Flag bit 1: a redundant grain directory and grain tables exist (`rgdOffset`).
-pub(crate) const FLAG_REDUNDANT_GT: u32 = 1 << 1;
 /// Flag bit 2: a GTE of 1 means "this grain reads as zeros" (zeroed-grain GTE).
 pub(crate) const FLAG_ZERO_GRAIN: u32 = 1 << 2;
-/// Flag bit 16: grains are compressed.
-pub(crate) const FLAG_COMPRESSED: u32 = 1 << 16;
-/// Flag bit 17: metadata is preceded by markers (streamOptimized).
-pub(crate) const FLAG_MARKERS: u32 = 1 << 17;
 
-/// `compressAlgorithm` value for RFC 1950 zlib/deflate.
-pub(crate) const COMPRESSION_DEFLATE: u16 = 1;
-/// `gdOffset` placeholder meaning "the grain directory is found via the footer" (spec:
-/// `GD_AT_END 0xffffffffffffffff`).
-pub(crate) const GD_AT_END: u64 = u64::MAX;
 
 /// Grain size in sectors: 128 sectors = 64 KiB, the default of VMware and qemu.
 pub(crate) const GRAIN_SECTORS: u64 = 128;
@@ -48,8 +42,6 @@ pub(crate) const GT_LEN: usize = 2048;
 const _: () = assert!(GT_LEN as u64 == GTES_PER_GT * 4);
 /// A zero sector, for padding.
 pub(crate) const ZERO_SECTOR: [u8; 512] = [0; 512];
-/// A GTE value of 1 with [`FLAG_ZERO_GRAIN`]: the grain reads as zeros.
-pub(crate) const GTE_ZERO: u32 = 1;
 /// Sectors reserved for the embedded descriptor when it fits (what qemu reserves).
 pub(crate) const DESCRIPTOR_MIN_SECTORS: u64 = 20;
 
