@@ -25,7 +25,6 @@ pub(crate) const VERSION_STREAM: u32 = 3;
 /// Flag bit 2: a GTE of 1 means "this grain reads as zeros" (zeroed-grain GTE).
 pub(crate) const FLAG_ZERO_GRAIN: u32 = 1 << 2;
 
-
 /// Grain size in sectors: 128 sectors = 64 KiB, the default of VMware and qemu.
 pub(crate) const GRAIN_SECTORS: u64 = 128;
 /// Grain size in bytes.
