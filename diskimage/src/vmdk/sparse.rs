@@ -196,7 +196,7 @@ impl SparseExtent {
                 return Err(Error::corrupt(
                     self.file.name(),
                     "VMDK grain directory",
-                    gd_pos + i as u64 * 4,
+                    gd_pos.saturating_add(i as u64 * 4),
                     format!(
                         "entry {i} points to a grain table at sector {e}, outside the file of {} bytes",
                         self.file.len()
