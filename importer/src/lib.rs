@@ -1,0 +1,12 @@
+//! The importer: turns any disk image the disk-image library reads, from a local file or
+//! S3, into a verified EBS snapshot (through the EBS direct APIs, writing only blocks that
+//! hold data or changed) and a bootable AMI.
+//!
+//! AWS clients are passed in (see [`aws::Clients`]) so tests point them at the local
+//! emulator; the pure parts (which blocks to send, checksums) are apart from the I/O.
+
+pub mod aws;
+pub mod blocks;
+pub mod error;
+
+pub use error::{Error, Result};

@@ -1,0 +1,108 @@
+//! Shared by the importer's integration tests: the strict, fault-injecting moto server of
+//! `tests/emulators/moto/` (installed by `tests/emulators/install.sh`), started per test on
+//! a free loopback port and stopped when the handle drops.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use rehost_importer::aws::{AwsOptions, Clients};
+
+/// A running emulator.
+#[derive(Debug)]
+pub struct Moto {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub endpoint: String,
+}
+
+/// Fault injection settings (see `tests/emulators/moto/strict_moto.py`).
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Fraction of requests answered with throttling or a 5xx before taking effect.
+    pub rate: f64,
+    /// Seed, so a failure reproduces.
+    pub seed: u64,
+    /// Services faults apply to (`s3,ebs,ec2,kms`); empty = all.
+    pub services: String,
+    /// How long a new snapshot answers "does not exist" to PutSnapshotBlock.
+    pub new_snapshot_invisible_ms: u64,
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn python() -> PathBuf {
+    let home = std::env::var("REHOST_EMULATOR_HOME").unwrap_or_else(|_| "/var/tmp/rehost-emulators".into());
+    let python = PathBuf::from(home).join("moto-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run tests/emulators/install.sh (or tests/run, which does)",
+        python.display()
+    );
+    python
+}
+
+impl Moto {
+    /// Starts a strict emulator without faults.
+    pub fn start() -> Self {
+        Self::start_with(&Faults::default())
+    }
+
+    /// Starts a strict emulator with fault injection.
+    pub fn start_with(faults: &Faults) -> Self {
+        let script = repo_root().join("tests/emulators/moto/strict_moto.py");
+        let mut child = Command::new(python())
+            .arg(&script)
+            .args(["--port", "0"])
+            .env("REHOST_FAULT_RATE", faults.rate.to_string())
+            .env("REHOST_FAULT_SEED", faults.seed.to_string())
+            .env("REHOST_FAULT_SERVICES", &faults.services)
+            .env("REHOST_EBS_NEW_SNAPSHOT_INVISIBLE_MS", faults.new_snapshot_invisible_ms.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start strict_moto.py");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let port = loop {
+            let line = lines.next().expect("strict_moto.py exited before READY").unwrap();
+            if let Some(port) = line.strip_prefix("READY ") {
+                break port.trim().to_owned();
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, endpoint: format!("http://127.0.0.1:{port}") }
+    }
+
+    /// AWS options pointing every service at this emulator.
+    pub fn options(&self) -> AwsOptions {
+        AwsOptions {
+            region: Some("us-east-1".into()),
+            profile: None,
+            endpoint_url: Some(self.endpoint.clone()),
+            static_credentials: Some(("testing".into(), "testing".into())),
+        }
+    }
+
+    /// Clients for this emulator.
+    pub async fn clients(&self) -> Clients {
+        Clients::load(&self.options()).await
+    }
+
+    /// The emulator's request counters (`/_rehost/stats`).
+    pub fn stats(&self) -> serde_json::Value {
+        let out = Command::new("curl").args(["-sf", &format!("{}/_rehost/stats", self.endpoint)]).output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
