@@ -47,7 +47,11 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
-from moto.core.exceptions import ServiceException
+# moto's EC2 would preload hundreds of public AMIs: irrelevant here, slow, and they would show
+# in DescribeImages next to the images a test registers.
+os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+
+from moto.core.exceptions import ServiceException  # noqa: E402 (after the setting above)
 from moto.core.responses import ActionResult
 from moto.ebs import models as ebs_models
 from moto.ebs.responses import EBSResponse
@@ -603,6 +607,34 @@ def _s3_operation(method: str, path: str, query: dict[str, list[str]]) -> str:
             "DELETE": "DeleteBucket"}.get(method, method + "Bucket")
 
 
+# Headers the EBS API model marks required. moto cannot route a request without them (it
+# answers an empty 404); AWS answers ValidationException.
+_EBS_REQUIRED_HEADERS = {
+    "ebs:PutSnapshotBlock": ("x-amz-Data-Length", "x-amz-Checksum", "x-amz-Checksum-Algorithm"),
+    "ebs:CompleteSnapshot": ("x-amz-ChangedBlocksCount",),
+}
+
+
+def _ebs_missing_headers(service: str, op: str, environ: dict[str, Any]) -> list[str]:
+    if service != "ebs":
+        return []
+    return [h for h in _EBS_REQUIRED_HEADERS.get(op, ())
+            if not environ.get("HTTP_" + h.upper().replace("-", "_"))]
+
+
+def _ebs_validation_response(start_response: Any, environ: dict[str, Any],
+                             missing: list[str]) -> list[bytes]:
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    if length:
+        environ["wsgi.input"].read(length)
+    body = json.dumps({"message": f"Missing required header(s): {', '.join(missing)}",
+                       "Reason": "INVALID_PARAMETER_VALUE"}).encode()
+    start_response("400 Bad Request", [("Content-Type", "application/json"),
+                                       ("x-amzn-ErrorType", "ValidationException"),
+                                       ("Content-Length", str(len(body)))])
+    return [body]
+
+
 class RehostMiddleware:
     def __init__(self, app: Any):
         self.app = app
@@ -691,6 +723,9 @@ class RehostMiddleware:
                 self.faults[op] = self.faults.get(op, 0) + 1
                 self.fault_log.append([self.seq, op, code])
                 return body
+            missing = _ebs_missing_headers(service, op, environ)
+            if missing:
+                return _ebs_validation_response(start_response, environ, missing)
             # Run moto and materialize its answer while holding the lock.
             return list(self.app(environ, start_response))
 
