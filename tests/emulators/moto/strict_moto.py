@@ -17,6 +17,9 @@ Environment:
     REHOST_EBS_NEW_SNAPSHOT_INVISIBLE_MS
                              PutSnapshotBlock to a snapshot younger than this answers
                              ResourceNotFoundException (default 0)
+    REHOST_EBS_PUT_BLOCKS_PER_SECOND
+                             PutSnapshotBlock requests per second per snapshot before
+                             RequestThrottledException (default 1000, as AWS; 0: no limit)
     REHOST_EBS_COMPLETE_DELAY_MS
                              CompleteSnapshot answers "pending" and the snapshot turns
                              "completed" this long after (default 0: at once)
@@ -141,6 +144,8 @@ class StrictSnapshot:
         self.blocks: dict[int, StrictBlock] = dict(parent.blocks) if parent else {}
         # indexes written by PutSnapshotBlock into this snapshot (ChangedBlocksCount).
         self.written: set[int] = set()
+        # monotonic times of the PutSnapshotBlock requests of the last second.
+        self.recent_puts: list[float] = []
 
     @property
     def block_count(self) -> int:
@@ -282,6 +287,16 @@ class StrictEBSResponse(EBSResponse):
         invisible_ms = _env_float("REHOST_EBS_NEW_SNAPSHOT_INVISIBLE_MS", 0)
         if (time.monotonic() - snap.created_monotonic) * 1000 < invisible_ms:
             raise ebs_not_found(f"The snapshot '{snap.snapshot_id}' does not exist.")
+        # EBS direct APIs quota: 1,000 PutSnapshotBlock requests per second per snapshot;
+        # beyond it, RequestThrottledException (Reason RESOURCE_LEVEL_THROTTLE).
+        limit = _env_float("REHOST_EBS_PUT_BLOCKS_PER_SECOND", 1000)
+        now = time.monotonic()
+        snap.recent_puts = [t for t in snap.recent_puts if now - t < 1.0]
+        if limit > 0 and len(snap.recent_puts) >= limit:
+            raise EbsError("RequestThrottledException",
+                           f"PutSnapshotBlock rate for '{snap.snapshot_id}' exceeded "
+                           f"({limit:g}/s).", "RESOURCE_LEVEL_THROTTLE")
+        snap.recent_puts.append(now)
         if snap.status != "pending":
             raise ebs_validation(f"The snapshot '{snap.snapshot_id}' is not pending; blocks "
                                  "can only be written to a pending snapshot.",

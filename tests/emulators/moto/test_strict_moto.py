@@ -76,11 +76,32 @@ class Server:
             self.proc.wait()
 
 
+FAULTS = {"REHOST_FAULT_RATE": "0.3", "REHOST_FAULT_SEED": "1234"}
+# Every server the module needs, by name. They start together (startup, mostly importing
+# moto's EC2, is the slow part) and each test waits for the one it uses.
+SERVERS = {
+    "strict": {},
+    "tuned": {"REHOST_EBS_NEW_SNAPSHOT_INVISIBLE_MS": "300",
+              "REHOST_EBS_COMPLETE_DELAY_MS": "300",
+              "REHOST_EBS_PUT_BLOCKS_PER_SECOND": "5"},
+    "faults-a": FAULTS,
+    "faults-b": FAULTS,
+    "faults-retried": {**FAULTS, "REHOST_FAULT_SERVICES": "ebs,ec2,s3,kms"},
+    "faults-ec2-only": {"REHOST_FAULT_RATE": "1.0", "REHOST_FAULT_SERVICES": "ec2"},
+}
+
+
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    s = Server().wait_ready()
-    yield s
-    s.stop()
+def pool() -> Iterator[dict[str, Server]]:
+    servers = {name: Server(env) for name, env in SERVERS.items()}
+    yield servers
+    for s in servers.values():
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(pool: dict[str, Server]) -> Server:
+    return pool["strict"].wait_ready()
 
 
 @pytest.fixture(scope="module")
@@ -427,31 +448,44 @@ def test_stats_count_requests_per_operation(server, ebs):
 # ------------------------------------------------------------------ timing quirks
 
 
-def test_new_snapshot_invisible_then_pending_completion():
-    s = Server({"REHOST_EBS_NEW_SNAPSHOT_INVISIBLE_MS": "300",
-                "REHOST_EBS_COMPLETE_DELAY_MS": "300"}).wait_ready()
-    try:
-        ebs, ec2 = s.client("ebs"), s.client("ec2")
-        sid = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
-        with pytest.raises(ClientError) as exc:
-            put(ebs, sid, 0, block(1))
-        assert error(exc) == ("ResourceNotFoundException", 404)
-        time.sleep(0.35)
+def test_new_snapshot_invisible_then_pending_completion(pool):
+    s = pool["tuned"].wait_ready()
+    ebs, ec2 = s.client("ebs"), s.client("ec2")
+    sid = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    with pytest.raises(ClientError) as exc:
         put(ebs, sid, 0, block(1))
-        assert ebs.complete_snapshot(SnapshotId=sid, ChangedBlocksCount=1)["Status"] == "pending"
-        assert ec2.describe_snapshots(SnapshotIds=[sid])["Snapshots"][0]["State"] == "pending"
-        deadline = time.monotonic() + 5
-        while ec2.describe_snapshots(SnapshotIds=[sid])["Snapshots"][0]["State"] != "completed":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        s.stop()
+    assert error(exc) == ("ResourceNotFoundException", 404)
+    time.sleep(0.35)
+    put(ebs, sid, 0, block(1))
+    assert ebs.complete_snapshot(SnapshotId=sid, ChangedBlocksCount=1)["Status"] == "pending"
+    assert ec2.describe_snapshots(SnapshotIds=[sid])["Snapshots"][0]["State"] == "pending"
+    deadline = time.monotonic() + 5
+    while ec2.describe_snapshots(SnapshotIds=[sid])["Snapshots"][0]["State"] != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_put_rate_per_snapshot_is_throttled(pool):
+    s = pool["tuned"].wait_ready()  # 5 PutSnapshotBlock/s per snapshot
+    ebs = s.client("ebs")
+    sid = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    time.sleep(0.35)  # past the invisibility window
+    codes = []
+    for i in range(8):
+        try:
+            put(ebs, sid, i, block(1))
+            codes.append("ok")
+        except ClientError as e:
+            codes.append(e.response["Error"]["Code"])
+    assert codes[:5] == ["ok"] * 5
+    assert "RequestThrottledException" in codes
+    patient = s.client("ebs", attempts=10)
+    for i in range(8):
+        put(patient, sid, i, block(1))
+    assert patient.complete_snapshot(SnapshotId=sid, ChangedBlocksCount=8)["Status"] == "pending"
 
 
 # ------------------------------------------------------------------ fault injection
-
-FAULTS = {"REHOST_FAULT_RATE": "0.3", "REHOST_FAULT_SEED": "1234"}
-
 
 def fault_pattern(s: Server) -> list[str]:
     """A fixed request sequence with retries off: which requests failed, and how."""
@@ -469,15 +503,11 @@ def fault_pattern(s: Server) -> list[str]:
     return outcome
 
 
-def test_fault_pattern_is_reproducible_for_a_seed():
+def test_fault_pattern_is_reproducible_for_a_seed(pool):
     runs = []
-    servers = [Server(FAULTS), Server(FAULTS)]  # started together: startup is the slow part
-    try:
-        for s in servers:
-            runs.append((fault_pattern(s.wait_ready()), s.stats()))
-    finally:
-        for s in servers:
-            s.stop()
+    for name in ("faults-a", "faults-b"):  # two servers, same seed
+        s = pool[name].wait_ready()
+        runs.append((fault_pattern(s), s.stats()))
     (pattern, stats), (pattern2, stats2) = runs
     assert pattern == pattern2
     assert stats["fault_log"] == stats2["fault_log"]
@@ -488,50 +518,44 @@ def test_fault_pattern_is_reproducible_for_a_seed():
     assert stats["faults_total"] == len(failed)
 
 
-def test_retries_get_through_faults_without_double_effects():
-    s = Server({**FAULTS, "REHOST_FAULT_SERVICES": "ebs,ec2,s3,kms"}).wait_ready()
-    try:
-        ebs, ec2, s3, kms = (s.client(n, attempts=10) for n in ("ebs", "ec2", "s3", "kms"))
-        kms.create_key()
-        blocks = {i: block(i + 1) for i in range(12)}
-        sid = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
-        for index, data in blocks.items():
-            put(ebs, sid, index, data)
-        # A fault never has an effect: the count and checksum match exactly the blocks put.
-        ebs.complete_snapshot(SnapshotId=sid, ChangedBlocksCount=len(blocks),
-                              Checksum=linear_checksum(blocks), ChecksumAlgorithm="SHA256",
-                              ChecksumAggregationMethod="LINEAR")
-        image_id = register(ec2, sid)
-        assert ec2.describe_images(ImageIds=[image_id])["Images"][0]["State"] == "available"
+def test_retries_get_through_faults_without_double_effects(pool):
+    s = pool["faults-retried"].wait_ready()
+    ebs, ec2, s3, kms = (s.client(n, attempts=10) for n in ("ebs", "ec2", "s3", "kms"))
+    kms.create_key()
+    blocks = {i: block(i + 1) for i in range(12)}
+    sid = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    for index, data in blocks.items():
+        put(ebs, sid, index, data)
+    # A fault never has an effect: the count and checksum match exactly the blocks put.
+    ebs.complete_snapshot(SnapshotId=sid, ChangedBlocksCount=len(blocks),
+                          Checksum=linear_checksum(blocks), ChecksumAlgorithm="SHA256",
+                          ChecksumAggregationMethod="LINEAR")
+    image_id = register(ec2, sid)
+    assert ec2.describe_images(ImageIds=[image_id])["Images"][0]["State"] == "available"
 
-        s3.create_bucket(Bucket="rehost-stage")
-        up = s3.create_multipart_upload(Bucket="rehost-stage", Key="disk.raw")
-        parts = []
-        for n, data in ((1, b"a" * (5 << 20)), (2, b"b" * 1000)):
-            etag = s3.upload_part(Bucket="rehost-stage", Key="disk.raw", PartNumber=n,
-                                  UploadId=up["UploadId"], Body=data)["ETag"]
-            parts.append({"PartNumber": n, "ETag": etag})
-        s3.complete_multipart_upload(Bucket="rehost-stage", Key="disk.raw",
-                                     UploadId=up["UploadId"], MultipartUpload={"Parts": parts})
-        assert s3.head_object(Bucket="rehost-stage", Key="disk.raw")["ContentLength"] == \
-            (5 << 20) + 1000
+    s3.create_bucket(Bucket="rehost-stage")
+    up = s3.create_multipart_upload(Bucket="rehost-stage", Key="disk.raw")
+    parts = []
+    for n, data in ((1, b"a" * (5 << 20)), (2, b"b" * 1000)):
+        etag = s3.upload_part(Bucket="rehost-stage", Key="disk.raw", PartNumber=n,
+                              UploadId=up["UploadId"], Body=data)["ETag"]
+        parts.append({"PartNumber": n, "ETag": etag})
+    s3.complete_multipart_upload(Bucket="rehost-stage", Key="disk.raw",
+                                 UploadId=up["UploadId"], MultipartUpload={"Parts": parts})
+    assert s3.head_object(Bucket="rehost-stage", Key="disk.raw")["ContentLength"] == \
+        (5 << 20) + 1000
 
-        stats = s.stats()
-        assert stats["faults_total"] > 0
-        assert stats["requests"]["ebs:PutSnapshotBlock"] == \
-            len(blocks) + stats["faults"].get("ebs:PutSnapshotBlock", 0)
-    finally:
-        s.stop()
+    stats = s.stats()
+    assert stats["faults_total"] > 0
+    assert stats["requests"]["ebs:PutSnapshotBlock"] == \
+        len(blocks) + stats["faults"].get("ebs:PutSnapshotBlock", 0)
 
 
-def test_fault_services_limit_injection():
-    s = Server({"REHOST_FAULT_RATE": "1.0", "REHOST_FAULT_SERVICES": "ec2"}).wait_ready()
-    try:
-        ebs, ec2 = s.client("ebs"), s.client("ec2")
-        ebs.start_snapshot(VolumeSize=1)  # never faulted
-        with pytest.raises(ClientError) as exc:
-            ec2.describe_snapshots(OwnerIds=["self"])
-        assert error(exc)[0] in ("RequestLimitExceeded", "InternalError")
-        assert s.stats()["faults"] == {"ec2:DescribeSnapshots": 1}
-    finally:
-        s.stop()
+def test_fault_services_limit_injection(pool):
+    s = pool["faults-ec2-only"].wait_ready()
+    ebs, ec2 = s.client("ebs"), s.client("ec2")
+    ebs.start_snapshot(VolumeSize=1)  # never faulted
+    with pytest.raises(ClientError) as exc:
+        ec2.describe_snapshots(OwnerIds=["self"])
+    assert error(exc)[0] in ("RequestLimitExceeded", "InternalError")
+    assert s.stats()["faults"] == {"ec2:DescribeSnapshots": 1}
