@@ -24,8 +24,13 @@ Environment:
                              CompleteSnapshot answers "pending" and the snapshot turns
                              "completed" this long after (default 0: at once)
 
-GET /_rehost/stats answers JSON: requests per "service:Operation", faults injected, and the
-fault log (request number, operation, error code). POST /_rehost/stats/reset zeroes them.
+GET /_rehost/stats answers JSON: requests per "service:Operation" (faulted ones included),
+faults injected per operation, and the fault log (request number, operation, error code).
+POST /_rehost/stats/reset zeroes them.
+GET /_rehost/config shows the settings above (lower-case names: fault_rate, fault_seed,
+fault_services, ebs_new_snapshot_invisible_ms, ebs_put_blocks_per_second,
+ebs_complete_delay_ms); POST /_rehost/config with a JSON object changes some of them at run
+time, restarts the fault RNG from the seed and zeroes the stats.
 
 References (AWS API reference, EBS direct APIs 2019-11-02):
   StartSnapshot, PutSnapshotBlock, CompleteSnapshot, ListSnapshotBlocks, ListChangedBlocks,
@@ -79,6 +84,34 @@ MAX_RESULTS = 10000
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name, "")
     return float(value) if value.strip() else default
+
+
+ALL_SERVICES = ("s3", "ebs", "ec2", "kms")
+
+
+def settings_from_env() -> dict[str, Any]:
+    services = os.environ.get("REHOST_FAULT_SERVICES", "")
+    return {
+        "fault_rate": _env_float("REHOST_FAULT_RATE", 0.0),
+        "fault_seed": os.environ.get("REHOST_FAULT_SEED", "0"),
+        "fault_services": [x.strip() for x in services.split(",") if x.strip()]
+        or list(ALL_SERVICES),
+        "ebs_new_snapshot_invisible_ms": _env_float("REHOST_EBS_NEW_SNAPSHOT_INVISIBLE_MS", 0),
+        "ebs_put_blocks_per_second": _env_float("REHOST_EBS_PUT_BLOCKS_PER_SECOND", 1000),
+        "ebs_complete_delay_ms": _env_float("REHOST_EBS_COMPLETE_DELAY_MS", 0),
+    }
+
+
+def check_settings(settings: dict[str, Any]) -> None:
+    if not 0.0 <= float(settings["fault_rate"]) <= 1.0:
+        raise ValueError("fault_rate (REHOST_FAULT_RATE) must be within 0.0-1.0")
+    unknown = set(settings["fault_services"]) - set(ALL_SERVICES)
+    if unknown:
+        raise ValueError(f"fault_services (REHOST_FAULT_SERVICES): unknown {sorted(unknown)}")
+
+
+# The settings in force: from the environment at start, changed by POST /_rehost/config.
+SETTINGS: dict[str, Any] = settings_from_env()
 
 
 def _sha256_b64(data: bytes) -> str:
@@ -284,12 +317,12 @@ class StrictEBSResponse(EBSResponse):
         snap = _get_snapshot(self.ebs_backend, self._get_param("SnapshotId"))
         # Right after StartSnapshot, real EBS may still answer that the snapshot does not
         # exist; clients must retry.
-        invisible_ms = _env_float("REHOST_EBS_NEW_SNAPSHOT_INVISIBLE_MS", 0)
+        invisible_ms = float(SETTINGS["ebs_new_snapshot_invisible_ms"])
         if (time.monotonic() - snap.created_monotonic) * 1000 < invisible_ms:
             raise ebs_not_found(f"The snapshot '{snap.snapshot_id}' does not exist.")
         # EBS direct APIs quota: 1,000 PutSnapshotBlock requests per second per snapshot;
         # beyond it, RequestThrottledException (Reason RESOURCE_LEVEL_THROTTLE).
-        limit = _env_float("REHOST_EBS_PUT_BLOCKS_PER_SECOND", 1000)
+        limit = float(SETTINGS["ebs_put_blocks_per_second"])
         now = time.monotonic()
         snap.recent_puts = [t for t in snap.recent_puts if now - t < 1.0]
         if limit > 0 and len(snap.recent_puts) >= limit:
@@ -360,7 +393,7 @@ class StrictEBSResponse(EBSResponse):
             if checksum != base64.b64encode(digest.digest()).decode():
                 raise ebs_validation("The aggregated checksum does not match the blocks written.",
                                      "INVALID_PARAMETER_VALUE")
-        delay_ms = _env_float("REHOST_EBS_COMPLETE_DELAY_MS", 0)
+        delay_ms = float(SETTINGS["ebs_complete_delay_ms"])
 
         def seal() -> None:
             snap.status = "completed"
@@ -581,7 +614,6 @@ def install_patches() -> None:
 # --------------------------------------------------------------------------------------------
 
 _CRED_RE = re.compile(r"Credential=[^/]+/\d{8}/([^/]+)/([^/]+)/aws4_request")
-ALL_SERVICES = ("s3", "ebs", "ec2", "kms")
 
 
 def _service(environ: dict[str, Any]) -> str:
@@ -655,11 +687,18 @@ class RehostMiddleware:
         self.app = app
         # moto's models are not thread-safe; requests are served one at a time.
         self.lock = threading.Lock()
-        self.rate = _env_float("REHOST_FAULT_RATE", 0.0)
-        self.rng = random.Random(os.environ.get("REHOST_FAULT_SEED", "0"))
-        services = os.environ.get("REHOST_FAULT_SERVICES", "").strip()
-        self.services = {s.strip() for s in services.split(",") if s.strip()} or set(ALL_SERVICES)
+        self.configure({})
         self.reset()
+
+    def configure(self, changes: dict[str, Any]) -> None:
+        """Apply settings; the fault RNG restarts from the seed, so the same settings and the
+        same request order give the same faults."""
+        merged = {**SETTINGS, **changes}
+        check_settings(merged)
+        SETTINGS.update(merged)
+        self.rate = float(SETTINGS["fault_rate"])
+        self.rng = random.Random(str(SETTINGS["fault_seed"]))
+        self.services = set(SETTINGS["fault_services"])
 
     def reset(self) -> None:
         self.requests: dict[str, int] = {}
@@ -759,6 +798,22 @@ class RehostMiddleware:
             elif path == "/_rehost/stats/reset" and environ["REQUEST_METHOD"] == "POST":
                 self.reset()
                 body, status = b"{}", "200 OK"
+            elif path == "/_rehost/config" and environ["REQUEST_METHOD"] in ("GET", "POST"):
+                status = "200 OK"
+                if environ["REQUEST_METHOD"] == "POST":
+                    length = int(environ.get("CONTENT_LENGTH") or 0)
+                    try:
+                        changes = json.loads(environ["wsgi.input"].read(length) or b"{}")
+                        unknown = set(changes) - set(SETTINGS)
+                        if unknown:
+                            raise ValueError(f"unknown settings {sorted(unknown)}")
+                        self.configure(changes)
+                        self.reset()
+                    except (ValueError, TypeError) as e:
+                        status = "400 Bad Request"
+                        body = json.dumps({"error": str(e)}).encode()
+                if status == "200 OK":
+                    body = json.dumps(SETTINGS, sort_keys=True).encode()
             else:
                 body, status = b'{"error": "not found"}', "404 Not Found"
         start_response(status, [("Content-Type", "application/json"),
@@ -771,13 +826,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: pick one)")
     args = parser.parse_args(argv)
 
-    rate = _env_float("REHOST_FAULT_RATE", 0.0)
-    if not 0.0 <= rate <= 1.0:
-        parser.error("REHOST_FAULT_RATE must be within 0.0-1.0")
-    unknown = {s.strip() for s in os.environ.get("REHOST_FAULT_SERVICES", "").split(",")
-               if s.strip()} - set(ALL_SERVICES)
-    if unknown:
-        parser.error(f"REHOST_FAULT_SERVICES: unknown {sorted(unknown)}")
+    try:
+        check_settings(SETTINGS)
+    except ValueError as e:
+        parser.error(str(e))
 
     install_patches()
     from werkzeug.serving import make_server

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -67,6 +68,12 @@ class Server:
         req = urllib.request.Request(self.url + "/_rehost/stats/reset", method="POST", data=b"")
         urllib.request.urlopen(req, timeout=5).read()
 
+    def configure(self, settings: dict) -> dict:
+        req = urllib.request.Request(self.url + "/_rehost/config", method="POST",
+                                     data=json.dumps(settings).encode())
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.load(r)
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -77,23 +84,16 @@ class Server:
 
 
 FAULTS = {"REHOST_FAULT_RATE": "0.3", "REHOST_FAULT_SEED": "1234"}
-# Every server the module needs, by name. They start together (startup, mostly importing
-# moto's EC2, is the slow part) and each test waits for the one it uses.
-SERVERS = {
-    "strict": {},
-    "tuned": {"REHOST_EBS_NEW_SNAPSHOT_INVISIBLE_MS": "300",
-              "REHOST_EBS_COMPLETE_DELAY_MS": "300",
-              "REHOST_EBS_PUT_BLOCKS_PER_SECOND": "5"},
-    "faults-a": FAULTS,
-    "faults-b": FAULTS,
-    "faults-retried": {**FAULTS, "REHOST_FAULT_SERVICES": "ebs,ec2,s3,kms"},
-    "faults-ec2-only": {"REHOST_FAULT_RATE": "1.0", "REHOST_FAULT_SERVICES": "ec2"},
-}
+DEFAULTS = {"fault_rate": 0.0, "fault_seed": "0", "fault_services": ["s3", "ebs", "ec2", "kms"],
+            "ebs_new_snapshot_invisible_ms": 0, "ebs_put_blocks_per_second": 1000,
+            "ebs_complete_delay_ms": 0}
 
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[dict[str, Server]]:
-    servers = {name: Server(env) for name, env in SERVERS.items()}
+    # Startup (mostly importing moto's EC2) is the slow part: two servers, started together.
+    # "strict" is configured at run time by the tests; "faults-env" by the environment.
+    servers = {"strict": Server(), "faults-env": Server(FAULTS)}
     yield servers
     for s in servers.values():
         s.stop()
@@ -102,6 +102,13 @@ def pool() -> Iterator[dict[str, Server]]:
 @pytest.fixture(scope="module")
 def server(pool: dict[str, Server]) -> Server:
     return pool["strict"].wait_ready()
+
+
+@pytest.fixture
+def configure(server: Server) -> Iterator:
+    """POST /_rehost/config for one test, then back to the defaults."""
+    yield server.configure
+    server.configure(DEFAULTS)
 
 
 @pytest.fixture(scope="module")
@@ -448,9 +455,9 @@ def test_stats_count_requests_per_operation(server, ebs):
 # ------------------------------------------------------------------ timing quirks
 
 
-def test_new_snapshot_invisible_then_pending_completion(pool):
-    s = pool["tuned"].wait_ready()
-    ebs, ec2 = s.client("ebs"), s.client("ec2")
+def test_new_snapshot_invisible_then_pending_completion(server, configure):
+    configure({"ebs_new_snapshot_invisible_ms": 300, "ebs_complete_delay_ms": 300})
+    ebs, ec2 = server.client("ebs"), server.client("ec2")
     sid = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
     with pytest.raises(ClientError) as exc:
         put(ebs, sid, 0, block(1))
@@ -465,11 +472,10 @@ def test_new_snapshot_invisible_then_pending_completion(pool):
         time.sleep(0.05)
 
 
-def test_put_rate_per_snapshot_is_throttled(pool):
-    s = pool["tuned"].wait_ready()  # 5 PutSnapshotBlock/s per snapshot
-    ebs = s.client("ebs")
+def test_put_rate_per_snapshot_is_throttled(server, configure):
+    configure({"ebs_put_blocks_per_second": 5})
+    ebs = server.client("ebs")
     sid = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
-    time.sleep(0.35)  # past the invisibility window
     codes = []
     for i in range(8):
         try:
@@ -479,10 +485,18 @@ def test_put_rate_per_snapshot_is_throttled(pool):
             codes.append(e.response["Error"]["Code"])
     assert codes[:5] == ["ok"] * 5
     assert "RequestThrottledException" in codes
-    patient = s.client("ebs", attempts=10)
+    patient = server.client("ebs", attempts=10)
     for i in range(8):
         put(patient, sid, i, block(1))
-    assert patient.complete_snapshot(SnapshotId=sid, ChangedBlocksCount=8)["Status"] == "pending"
+    assert patient.complete_snapshot(SnapshotId=sid, ChangedBlocksCount=8)["Status"] == "completed"
+
+
+def test_config_rejects_unknown_or_bad_settings(server):
+    for bad in ({"fault_rate": 2}, {"fault_services": ["sqs"]}, {"nope": 1}):
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            server.configure(bad)
+        assert exc.value.code == 400
+    assert server.configure({}) == DEFAULTS
 
 
 # ------------------------------------------------------------------ fault injection
@@ -503,12 +517,15 @@ def fault_pattern(s: Server) -> list[str]:
     return outcome
 
 
-def test_fault_pattern_is_reproducible_for_a_seed(pool):
-    runs = []
-    for name in ("faults-a", "faults-b"):  # two servers, same seed
-        s = pool[name].wait_ready()
-        runs.append((fault_pattern(s), s.stats()))
-    (pattern, stats), (pattern2, stats2) = runs
+def test_fault_pattern_is_reproducible_for_a_seed(pool, server, configure):
+    # The same seed, from the environment at start or set at run time, gives the same faults.
+    env_server = pool["faults-env"].wait_ready()
+    runs = [(fault_pattern(env_server), env_server.stats())]
+    for _ in range(2):
+        configure({"fault_rate": 0.3, "fault_seed": "1234"})
+        runs.append((fault_pattern(server), server.stats()))
+    assert runs[1] == runs[2]
+    (pattern, stats), (pattern2, stats2) = runs[:2]
     assert pattern == pattern2
     assert stats["fault_log"] == stats2["fault_log"]
     failed = [p for p in pattern if p != "ok"]
@@ -518,8 +535,9 @@ def test_fault_pattern_is_reproducible_for_a_seed(pool):
     assert stats["faults_total"] == len(failed)
 
 
-def test_retries_get_through_faults_without_double_effects(pool):
-    s = pool["faults-retried"].wait_ready()
+def test_retries_get_through_faults_without_double_effects(server, configure):
+    s = server
+    configure({"fault_rate": 0.3, "fault_seed": "99", "fault_services": ["ebs", "ec2", "s3", "kms"]})
     ebs, ec2, s3, kms = (s.client(n, attempts=10) for n in ("ebs", "ec2", "s3", "kms"))
     kms.create_key()
     blocks = {i: block(i + 1) for i in range(12)}
@@ -533,16 +551,16 @@ def test_retries_get_through_faults_without_double_effects(pool):
     image_id = register(ec2, sid)
     assert ec2.describe_images(ImageIds=[image_id])["Images"][0]["State"] == "available"
 
-    s3.create_bucket(Bucket="rehost-stage")
-    up = s3.create_multipart_upload(Bucket="rehost-stage", Key="disk.raw")
+    s3.create_bucket(Bucket="rehost-stage-retried")
+    up = s3.create_multipart_upload(Bucket="rehost-stage-retried", Key="disk.raw")
     parts = []
     for n, data in ((1, b"a" * (5 << 20)), (2, b"b" * 1000)):
-        etag = s3.upload_part(Bucket="rehost-stage", Key="disk.raw", PartNumber=n,
+        etag = s3.upload_part(Bucket="rehost-stage-retried", Key="disk.raw", PartNumber=n,
                               UploadId=up["UploadId"], Body=data)["ETag"]
         parts.append({"PartNumber": n, "ETag": etag})
-    s3.complete_multipart_upload(Bucket="rehost-stage", Key="disk.raw",
+    s3.complete_multipart_upload(Bucket="rehost-stage-retried", Key="disk.raw",
                                  UploadId=up["UploadId"], MultipartUpload={"Parts": parts})
-    assert s3.head_object(Bucket="rehost-stage", Key="disk.raw")["ContentLength"] == \
+    assert s3.head_object(Bucket="rehost-stage-retried", Key="disk.raw")["ContentLength"] == \
         (5 << 20) + 1000
 
     stats = s.stats()
@@ -551,8 +569,9 @@ def test_retries_get_through_faults_without_double_effects(pool):
         len(blocks) + stats["faults"].get("ebs:PutSnapshotBlock", 0)
 
 
-def test_fault_services_limit_injection(pool):
-    s = pool["faults-ec2-only"].wait_ready()
+def test_fault_services_limit_injection(server, configure):
+    s = server
+    configure({"fault_rate": 1.0, "fault_services": ["ec2"]})
     ebs, ec2 = s.client("ebs"), s.client("ec2")
     ebs.start_snapshot(VolumeSize=1)  # never faulted
     with pytest.raises(ClientError) as exc:
