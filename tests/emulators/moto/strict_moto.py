@@ -218,9 +218,11 @@ def _page(indexes: list[int], max_results: Any, next_token: Any, starting: Any) 
             f"MaxResults must be between {MIN_RESULTS} and {MAX_RESULTS}", "INVALID_PARAMETER_VALUE")
     start = 0
     if next_token:
-        m = re.fullmatch(r"rehost-next-(\d+)", base64.urlsafe_b64decode(
-            next_token.encode() + b"==").decode("ascii", "replace")) if re.fullmatch(
-            r"[A-Za-z0-9_=-]+", next_token) else None
+        try:
+            decoded = base64.urlsafe_b64decode(next_token + "=" * (-len(next_token) % 4))
+            m = re.fullmatch(rb"rehost-next-(\d+)", decoded)
+        except ValueError:
+            m = None
         if not m:
             raise ebs_validation("The pagination token is invalid.", "INVALID_PAGE_TOKEN")
         start = int(m.group(1))
@@ -236,6 +238,16 @@ def _page(indexes: list[int], max_results: Any, next_token: Any, starting: Any) 
 
 def _expiry() -> float:
     return time.time() + 3600
+
+
+def _start_result(snap: StrictSnapshot) -> dict[str, Any]:
+    result = {
+        "SnapshotId": snap.snapshot_id, "OwnerId": snap.account_id, "Status": snap.status,
+        "StartTime": snap.start_time, "VolumeSize": snap.volume_size, "BlockSize": BLOCK_SIZE,
+        "Tags": snap.tags, "Description": snap.description, "ParentSnapshotId": snap.parent_id,
+        "KmsKeyArn": snap.kms_key_arn, "SseType": "sse-ebs" if snap.encrypted else "none",
+    }
+    return {k: v for k, v in result.items() if v is not None}
 
 
 class StrictEBSResponse(EBSResponse):
@@ -259,6 +271,15 @@ class StrictEBSResponse(EBSResponse):
         kms_key = self._get_param("KmsKeyArn")
         tags = self._get_param("Tags") or []
         description = self._get_param("Description")
+
+        # StartSnapshot ClientToken (idempotency; botocore fills one in and keeps it across
+        # retries): the same token answers the snapshot it already started.
+        client_token = self._get_param("ClientToken")
+        tokens = backend.__dict__.setdefault("strict_client_tokens", {})
+        if client_token and client_token in tokens:
+            snap = _strict_snapshots(backend).get(tokens[client_token])
+            if snap is not None:
+                return ActionResult(_start_result(snap))
 
         parent = None
         if parent_id:
@@ -296,7 +317,9 @@ class StrictEBSResponse(EBSResponse):
         vol = ec2.create_volume(size=volume_size, zone_name=f"{self.region}a",
                                 encrypted=encrypted, kms_key_id=kms_arn)
         ec2_snap = ec2.create_snapshot(volume_id=vol.id, description=description or "")
-        ec2.delete_volume(vol.id)  # EBS direct snapshots have no source volume
+        # EBS direct snapshots have no source volume: EC2 reports VolumeId vol-ffffffff.
+        ec2.delete_volume(vol.id)
+        vol.id = "vol-ffffffff"
         ec2_snap.status = "pending"
         ec2_snap.encrypted = encrypted
         ec2_snap.kms_key_id = kms_arn
@@ -305,13 +328,9 @@ class StrictEBSResponse(EBSResponse):
         snap = StrictSnapshot(ec2_snap.id, self.current_account, ec2_snap, volume_size, tags,
                               description, encrypted, kms_arn, parent)
         _strict_snapshots(backend)[snap.snapshot_id] = snap
-        result = {
-            "SnapshotId": snap.snapshot_id, "OwnerId": snap.account_id, "Status": snap.status,
-            "StartTime": snap.start_time, "VolumeSize": volume_size, "BlockSize": BLOCK_SIZE,
-            "Tags": tags, "Description": description, "ParentSnapshotId": snap.parent_id,
-            "KmsKeyArn": kms_arn, "SseType": "sse-ebs" if encrypted else "none",
-        }
-        return ActionResult({k: v for k, v in result.items() if v is not None})
+        if client_token:
+            tokens[client_token] = snap.snapshot_id
+        return ActionResult(_start_result(snap))
 
     def put_snapshot_block(self) -> ActionResult:
         snap = _get_snapshot(self.ebs_backend, self._get_param("SnapshotId"))

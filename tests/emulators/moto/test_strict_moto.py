@@ -171,6 +171,13 @@ def test_start_snapshot_reports_512k_blocks(ebs):
     assert resp["VolumeSize"] == 2
 
 
+def test_start_snapshot_is_idempotent_on_client_token(ebs):
+    token = str(uuid.uuid4())
+    first = ebs.start_snapshot(VolumeSize=1, ClientToken=token)["SnapshotId"]
+    assert ebs.start_snapshot(VolumeSize=1, ClientToken=token)["SnapshotId"] == first
+    assert ebs.start_snapshot(VolumeSize=1)["SnapshotId"] != first
+
+
 def test_put_rejects_a_block_not_512k(ebs):
     sid = snapshot(ebs, complete=False)
     for data in (b"\1" * 4096, b"\1" * (BLOCK + 512)):
@@ -368,6 +375,7 @@ def test_snapshot_goes_pending_then_completed_in_ec2(ebs, ec2):
     desc = ec2.describe_snapshots(SnapshotIds=[sid])["Snapshots"][0]
     assert desc["State"] == "pending"
     assert desc["VolumeSize"] == 3 and desc["Encrypted"] is False
+    assert desc["VolumeId"] == "vol-ffffffff"
     assert {"Key": "rehost", "Value": "yes"} in desc["Tags"]
     ebs.complete_snapshot(SnapshotId=sid, ChangedBlocksCount=0)
     assert ec2.describe_snapshots(SnapshotIds=[sid])["Snapshots"][0]["State"] == "completed"
