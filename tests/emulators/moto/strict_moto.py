@@ -405,7 +405,9 @@ class StrictEBSResponse(EBSResponse):
                                      "aggregation method LINEAR.", "INVALID_PARAMETER_VALUE")
             # Linear aggregation (CompleteSnapshot, Checksum): the per-block checksums of the
             # written blocks in ascending block index order, concatenated, then SHA256 over
-            # that. The per-block checksums are taken as their raw 32-byte digests.
+            # that. "Concatenate them to form a single string" means the raw 32-byte digests,
+            # not their base64 text: that is what AWS's own uploader, awslabs/coldsnap
+            # (src/upload.rs), sends and real EBS accepts.
             digest = hashlib.sha256()
             for index in sorted(snap.written):
                 digest.update(base64.b64decode(snap.blocks[index].checksum))
