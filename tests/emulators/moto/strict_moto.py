@@ -170,6 +170,9 @@ class StrictSnapshot:
         self.encrypted = encrypted
         self.kms_key_arn = kms_key_arn
         self.parent_id = parent.snapshot_id if parent else None
+        # The first snapshot of the chain of parents: ListChangedBlocks compares only snapshots
+        # "of the same volume/snapshot lineage".
+        self.lineage: str = parent.lineage if parent else snapshot_id
         self.status = "pending"
         self.start_time = ec2_snapshot.start_time
         self.created_monotonic = time.monotonic()
@@ -470,6 +473,9 @@ class StrictEBSResponse(EBSResponse):
         second = _get_snapshot(backend, self._get_param("SecondSnapshotId"))
         first_id = self._get_param("FirstSnapshotId")
         first = _get_snapshot(backend, first_id) if first_id else None
+        if first is not None and first.lineage != second.lineage:
+            raise ebs_validation("The snapshots are not of the same lineage.",
+                                 "UNRELATED_SNAPSHOTS")
         first_blocks = first.blocks if first else {}
         # A block is changed when it is in only one of the two snapshots or its content
         # (token) differs; with no first snapshot every block of the second is listed.

@@ -329,6 +329,13 @@ def test_list_changed_blocks_covers_both_sides_and_paginates(ebs):
     assert [b["BlockIndex"] for b in blocks] == sorted(b["BlockIndex"] for b in blocks)
 
 
+def test_list_changed_blocks_refuses_unrelated_snapshots(ebs):
+    a, b = snapshot(ebs, {0: block(1)}), snapshot(ebs, {0: block(2)})
+    with pytest.raises(ClientError) as exc:
+        ebs.list_changed_blocks(FirstSnapshotId=a, SecondSnapshotId=b)
+    assert error(exc) == ("ValidationException", 400)
+
+
 def test_list_rejects_a_bad_page_token(ebs):
     sid = snapshot(ebs, {0: block(1)})
     with pytest.raises(ClientError) as exc:
