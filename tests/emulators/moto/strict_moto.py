@@ -49,7 +49,6 @@ import json
 import os
 import random
 import re
-import sys
 import threading
 import time
 from typing import Any
