@@ -471,13 +471,14 @@ def test_stats_count_requests_per_operation(server, ebs):
 
 
 def test_new_snapshot_invisible_then_pending_completion(server, configure):
-    configure({"ebs_new_snapshot_invisible_ms": 300, "ebs_complete_delay_ms": 300})
+    # Windows wide enough for a loaded 2-core machine to make the first put inside them.
+    configure({"ebs_new_snapshot_invisible_ms": 800, "ebs_complete_delay_ms": 300})
     ebs, ec2 = server.client("ebs"), server.client("ec2")
     sid = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
     with pytest.raises(ClientError) as exc:
         put(ebs, sid, 0, block(1))
     assert error(exc) == ("ResourceNotFoundException", 404)
-    time.sleep(0.35)
+    time.sleep(0.85)
     put(ebs, sid, 0, block(1))
     assert ebs.complete_snapshot(SnapshotId=sid, ChangedBlocksCount=1)["Status"] == "pending"
     assert ec2.describe_snapshots(SnapshotIds=[sid])["Snapshots"][0]["State"] == "pending"
@@ -492,14 +493,15 @@ def test_put_rate_per_snapshot_is_throttled(server, configure):
     ebs = server.client("ebs")
     sid = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
     codes = []
-    for i in range(8):
+    for i in range(20):  # stops at the first throttle: well within a second on any machine
         try:
             put(ebs, sid, i, block(1))
             codes.append("ok")
         except ClientError as e:
             codes.append(e.response["Error"]["Code"])
+            break
     assert codes[:5] == ["ok"] * 5
-    assert "RequestThrottledException" in codes
+    assert codes[-1] == "RequestThrottledException"
     patient = server.client("ebs", attempts=10)
     for i in range(8):
         put(patient, sid, i, block(1))
