@@ -41,6 +41,46 @@ impl Default for StreamOptions {
     }
 }
 
+/// Chunk buffers handed back by the consumer once the sink let go of them. A fresh
+/// 1 MiB allocation is an mmap whose every page faults on first touch: recycling the
+/// buffers removes that cost (measured: about a third of the CPU time of a raw copy).
+#[derive(Debug, Default)]
+struct BufferPool {
+    free: Mutex<Vec<BytesMut>>,
+}
+
+impl BufferPool {
+    /// Most buffers kept: more than can be in flight is never needed.
+    const MAX_KEPT: usize = 64;
+
+    /// A buffer of exactly `len` bytes, with unspecified content.
+    fn take(&self, len: usize) -> BytesMut {
+        let reused = self
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        match reused {
+            Some(mut buf) => {
+                // Contents are overwritten by the read; only a grown tail is zeroed.
+                buf.resize(len, 0);
+                buf
+            }
+            None => BytesMut::zeroed(len),
+        }
+    }
+
+    /// Takes back a chunk's bytes if nobody else holds them.
+    fn give_back(&self, data: Bytes) {
+        if let Ok(buf) = data.try_into_mut() {
+            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            if free.len() < Self::MAX_KEPT {
+                free.push(buf);
+            }
+        }
+    }
+}
+
 /// A piece of work: data to read, or a non-data extent passed through in order.
 enum Job {
     Read { offset: u64, len: u64 },
@@ -53,8 +93,11 @@ pub fn for_each_extent(
     options: &StreamOptions,
     mut sink: impl FnMut(Extent) -> Result<()>,
 ) -> Result<()> {
+    let pool = BufferPool::default();
     if options.threads <= 1 {
-        return plan(disk, options, |job| sink(run(disk, options, job)?));
+        return plan(disk, options, |job| {
+            emit(run(disk, options, &pool, job)?, &pool, &mut sink)
+        });
     }
     let threads = options.threads;
     let max_in_flight = threads * 2;
@@ -76,10 +119,13 @@ pub fn for_each_extent(
             })
         });
         for _ in 0..threads {
-            let (job_rx, result_tx) = (job_rx.clone(), result_tx.clone());
+            let (job_rx, result_tx, pool) = (job_rx.clone(), result_tx.clone(), &pool);
             scope.spawn(move || {
                 while let Some((seq, job)) = next_job(&job_rx) {
-                    if result_tx.send((seq, run(disk, options, job))).is_err() {
+                    if result_tx
+                        .send((seq, run(disk, options, pool, job)))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -87,7 +133,7 @@ pub fn for_each_extent(
         }
         drop(result_tx);
 
-        let consumed = consume(result_rx, &token_rx, &mut sink);
+        let consumed = consume(result_rx, &token_rx, &pool, &mut sink);
         // Dropping the receivers unblocks the planner and the workers if we stopped early.
         drop(token_rx);
         let planned = planner
@@ -97,6 +143,65 @@ pub fn for_each_extent(
             (Err(e), _) => Err(e),
             (Ok(()), Err(e)) => Err(e),
             (Ok(()), Ok(())) => Ok(()),
+        }
+    })
+}
+
+/// Calls `sink` with every extent of `disk` from several threads at once, in no
+/// particular order: for consumers that place bytes by offset (a raw file written with
+/// positional writes), which then use every core for writing as well as reading.
+pub fn for_each_extent_unordered(
+    disk: &Disk,
+    options: &StreamOptions,
+    sink: impl Fn(Extent) -> Result<()> + Sync,
+) -> Result<()> {
+    let pool = BufferPool::default();
+    let threads = options.threads.max(1);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (job_tx, job_rx) = sync_channel::<(u64, Job)>(threads * 2);
+        let job_rx = std::sync::Arc::new(Mutex::new(job_rx));
+        let (sink, pool, failed) = (&sink, &pool, &failed);
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let job_rx = job_rx.clone();
+                scope.spawn(move || -> Result<()> {
+                    while let Some((_, job)) = next_job(&job_rx) {
+                        let result = run(disk, options, pool, job)
+                            .and_then(|e| emit(e, pool, &mut |e| sink(e)));
+                        if let Err(e) = result {
+                            // Stop the others and the planner early; the first error is reported.
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            return Err(e);
+                        }
+                        if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        drop(job_rx);
+        let planned = plan(disk, options, |job| {
+            if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(stopped());
+            }
+            job_tx.send((0, job)).map_err(|_| stopped())
+        });
+        drop(job_tx);
+        let mut first_error = None;
+        for worker in workers {
+            let result = worker
+                .join()
+                .unwrap_or_else(|_| Err(Error::InvalidInput("reader thread panicked".into())));
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        match (first_error, planned) {
+            (Some(e), _) | (None, Err(e)) => Err(e),
+            (None, Ok(())) => Ok(()),
         }
     })
 }
@@ -112,6 +217,7 @@ fn next_job(job_rx: &Mutex<Receiver<(u64, Job)>>) -> Option<(u64, Job)> {
 fn consume(
     results: Receiver<(u64, Result<Extent>)>,
     tokens: &Receiver<()>,
+    pool: &BufferPool,
     sink: &mut impl FnMut(Extent) -> Result<()>,
 ) -> Result<()> {
     let mut pending = BTreeMap::new();
@@ -119,7 +225,7 @@ fn consume(
     for (seq, result) in results {
         pending.insert(seq, result);
         while let Some(result) = pending.remove(&next) {
-            sink(result?)?;
+            emit(result?, pool, sink)?;
             let _ = tokens.recv();
             next += 1;
         }
@@ -170,15 +276,33 @@ fn plan(
     Ok(())
 }
 
-fn run(disk: &Disk, options: &StreamOptions, job: Job) -> Result<Extent> {
+/// Hands `extent` to the sink, then recycles its buffer if the sink kept no reference.
+fn emit(
+    extent: Extent,
+    pool: &BufferPool,
+    sink: &mut impl FnMut(Extent) -> Result<()>,
+) -> Result<()> {
+    let data = match &extent {
+        Extent::Data { data, .. } => Some(data.clone()),
+        _ => None,
+    };
+    sink(extent)?;
+    if let Some(data) = data {
+        pool.give_back(data);
+    }
+    Ok(())
+}
+
+fn run(disk: &Disk, options: &StreamOptions, pool: &BufferPool, job: Job) -> Result<Extent> {
     match job {
         Job::Ready(extent) => Ok(extent),
         Job::Read { offset, len } => {
             let len =
                 usize::try_from(len).map_err(|_| Error::InvalidInput("chunk too large".into()))?;
-            let mut buf = BytesMut::zeroed(len);
+            let mut buf = pool.take(len);
             disk.read_at(&mut buf, offset)?;
             if options.detect_zeros && is_zero(&buf) {
+                pool.give_back(buf.freeze());
                 Ok(Extent::Zero {
                     offset,
                     len: len as u64,
@@ -293,6 +417,36 @@ mod tests {
         });
         assert!(err.is_err());
         assert_eq!(seen, 5);
+    }
+
+    #[test]
+    fn unordered_stream_covers_every_byte_once_and_stops_on_error() {
+        let bytes: Vec<u8> = (0..1u32 << 20).map(|i| (i % 13) as u8).collect();
+        let disk = disk_of(bytes.clone());
+        let options = StreamOptions {
+            chunk_bytes: 4096,
+            threads: 3,
+            ..Default::default()
+        };
+        let seen = Mutex::new(vec![0u8; bytes.len()]);
+        for_each_extent_unordered(&disk, &options, |e| {
+            if let Extent::Data { offset, data } = e {
+                seen.lock().unwrap()[offset as usize..][..data.len()].copy_from_slice(&data);
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen.into_inner().unwrap(), bytes);
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let err = for_each_extent_unordered(&disk, &options, |_| {
+            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 3 {
+                Err(Error::InvalidInput("stop".into()))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(err.is_err());
+        assert!(calls.into_inner() < 256, "the stream did not stop early");
     }
 
     #[test]
