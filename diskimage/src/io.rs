@@ -18,9 +18,22 @@ pub trait ReadAt: Send + Sync {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// The source's length in bytes.
     fn len(&self) -> io::Result<u64>;
+    /// True if `[offset, offset + len)` is known to be a hole (reads as zero without being
+    /// stored). A sparse image file's holes then cost no read at all. Default: unknown.
+    fn is_hole(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
 }
 
 impl ReadAt for File {
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        // SEEK_DATA finds the next byte that is stored at or after `offset`; ENXIO means
+        // none is. Only the file position moves, which positional reads ignore.
+        match rustix::fs::seek(self, rustix::fs::SeekFrom::Data(offset)) {
+            Ok(next_data) => next_data >= offset.saturating_add(len),
+            Err(e) => e == rustix::io::Errno::NXIO,
+        }
+    }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
     }
@@ -63,6 +76,9 @@ impl ReadAt for bytes::Bytes {
 fn eof() -> io::Error {
     io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end")
 }
+
+/// Reads smaller than this are not checked for holes.
+const HOLE_CHECK_MIN_BYTES: u64 = 64 * 1024;
 
 /// An opened image file: its name (for errors), its bytes and its length, read once.
 #[derive(Clone)]
@@ -133,6 +149,11 @@ impl ImageFile {
                 needed,
                 file_len: self.len,
             });
+        }
+        // Only worth a system call for bulk reads: headers and tables are small.
+        if needed >= HOLE_CHECK_MIN_BYTES && self.inner.is_hole(offset, needed) {
+            buf.fill(0);
+            return Ok(());
         }
         self.inner
             .read_exact_at(buf, offset)
@@ -290,6 +311,24 @@ mod tests {
         assert!(err.to_string().contains("header at offset 4"), "{err}");
         let err = f.read_vec(1, u64::MAX, "footer").unwrap_err();
         assert!(matches!(err, Error::Truncated { .. }));
+    }
+
+    #[test]
+    fn holes_of_a_sparse_file_read_as_zero_without_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse");
+        let file = File::create(&path).unwrap();
+        file.set_len(8 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[7u8; 4096], 4 << 20).unwrap();
+        let file = File::open(&path).unwrap();
+        assert!(file.is_hole(0, 1 << 20));
+        assert!(!file.is_hole(3 << 20, 2 << 20));
+        assert!(file.is_hole(5 << 20, 3 << 20));
+        let image = ImageFile::new("sparse", Arc::new(file)).unwrap();
+        let mut buf = vec![1u8; 2 << 20];
+        image.read(&mut buf, 3 << 20, "data").unwrap();
+        assert!(buf[..1 << 20].iter().all(|&b| b == 0));
+        assert_eq!(buf[1 << 20], 7);
     }
 
     #[test]
