@@ -339,6 +339,9 @@ fn convert(
             let sink = write::create(output_path, to, disk.virtual_size(), Some(link))?;
             write::convert_delta(&disk, parent_disk, sink, &mut on_progress)
         }
+        _ if to == OutputFormat::Raw => {
+            write::convert_to_raw_file(&disk, output_path, threads, &|done| bar.set_position(done))
+        }
         _ => {
             let sink = write::create(output_path, to, disk.virtual_size(), None)?;
             write::convert(&disk, sink, threads, &mut on_progress)

@@ -187,6 +187,53 @@ pub fn convert(
     sink.finish()
 }
 
+/// Writes all of `disk` as a raw file at `path`, reading and writing on `threads` threads
+/// at once with positional writes (a raw file needs no order), holes left unwritten.
+pub fn convert_to_raw_file(
+    disk: &Disk,
+    path: &Path,
+    threads: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<WriteSummary> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let name = path.display().to_string();
+    let file = File::create(path).map_err(|source| Error::Open {
+        file: name.clone(),
+        source,
+    })?;
+    let io_err = |offset: u64| {
+        let name = name.clone();
+        move |source| Error::Io {
+            file: name,
+            op: "write",
+            structure: "data",
+            offset,
+            source,
+        }
+    };
+    let (data_bytes, done) = (AtomicU64::new(0), AtomicU64::new(0));
+    let options = StreamOptions {
+        threads,
+        ..StreamOptions::default()
+    };
+    crate::stream::for_each_extent_unordered(disk, &options, |extent| {
+        if let Extent::Data { offset, data } = &extent {
+            file.write_all_at(data, *offset).map_err(io_err(*offset))?;
+            data_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        progress(done.fetch_add(extent.len(), Ordering::Relaxed) + extent.len());
+        Ok(())
+    })?;
+    let size = disk.virtual_size();
+    file.set_len(size).map_err(io_err(size))?;
+    Ok(WriteSummary {
+        data_bytes: data_bytes.into_inner(),
+        file_bytes: size,
+    })
+}
+
 /// Writes into `sink` only what differs between `disk` and `parent`, in units of the
 /// sink's alignment: a differing unit as `Data` (or `Zero` when it is now all zero, which
 /// a delta must still record), the rest as `Unchanged`.
