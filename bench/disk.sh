@@ -36,29 +36,33 @@ fi
 [[ -f $WORK/disk.vhdx ]] || qemu-img convert -O vhdx -o subformat=dynamic "$raw" "$WORK/disk.vhdx"
 expected=$(sha256sum "$raw" | cut -d' ' -f1)
 
-# best_of CMD...: runs CMD $RUNS times, prints "seconds peak_kib" of the fastest run.
+# best_of CMD...: runs CMD $RUNS times, prints "seconds peak_kib cpu_seconds" of the fastest run.
 best_of() {
   local best="" line
   for ((r = 0; r < RUNS; r++)); do
     rm -f "$WORK/out.raw"
-    line=$( { /usr/bin/time -f '%e %M' bash -c "$*" >/dev/null; } 2>&1 | tail -n 1)
+    line=$( { /usr/bin/time -f '%e %M %U %S' bash -c "$*" >/dev/null; } 2>&1 | tail -n 1)
     if [[ -z $best ]] || awk -v a="${line%% *}" -v b="${best%% *}" 'BEGIN{exit !(a<b)}'; then best=$line; fi
   done
   echo "$best"
 }
 
-printf '%-8s %-9s %10s %10s %8s %12s %12s\n' image op rehost_s qemu_s ratio rehost_MiB qemu_MiB
+# Wall time is what a user waits; CPU time (user+sys) is shown too, as it is steadier on a
+# loaded machine. Peak memory is the maximum resident set of the whole command.
+printf '%-9s %-9s %9s %9s %7s %9s %9s %11s %9s\n' image op rehost_s qemu_s ratio rehost_cpu qemu_cpu rehost_MiB qemu_MiB
+report() {
+  awk -v i="$1" -v op="$2" -v o="$3" -v t="$4" 'BEGIN{split(o,a," ");split(t,b," ");
+    printf "%-9s %-9s %9.2f %9.2f %7.2f %9.2f %9.2f %11.1f %9.1f\n", i, op, a[1], b[1], a[1]/b[1], a[3]+a[4], b[3]+b[4], a[2]/1024, b[2]/1024}'
+}
 for img in disk.vmdk disk.vhdx; do
   path="$WORK/$img"
   got=$("$REHOST" disk checksum "$path")
   [[ $got == "$expected" ]] || { echo "checksum mismatch for $img: $got != $expected" >&2; exit 1; }
   ours=$(best_of "'$REHOST' disk checksum '$path'")
   theirs=$(best_of "qemu-img convert -O raw '$path' '$WORK/out.raw' && sha256sum '$WORK/out.raw'")
-  awk -v i="$img" -v o="$ours" -v t="$theirs" 'BEGIN{split(o,a," ");split(t,b," ");
-    printf "%-8s %-9s %10.2f %10.2f %8.2f %12.1f %12.1f\n", i, "checksum", a[1], b[1], a[1]/b[1], a[2]/1024, b[2]/1024}'
+  report "$img" checksum "$ours" "$theirs"
   ours=$(best_of "'$REHOST' disk convert '$path' '$WORK/out.raw' --to raw")
   theirs=$(best_of "qemu-img convert -O raw '$path' '$WORK/out.raw'")
-  awk -v i="$img" -v o="$ours" -v t="$theirs" 'BEGIN{split(o,a," ");split(t,b," ");
-    printf "%-8s %-9s %10.2f %10.2f %8.2f %12.1f %12.1f\n", i, "to-raw", a[1], b[1], a[1]/b[1], a[2]/1024, b[2]/1024}'
+  report "$img" to-raw "$ours" "$theirs"
 done
 rm -f "$WORK/out.raw"
