@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine, skipping what is already
-# there. Today: qemu-utils (qemu-img and qemu-io are the reference our disk formats are
-# cross-checked against). The AWS, vCenter, Azure and Hyper-V emulators join this folder
-# with the issues that need them.
+# there: qemu-utils (qemu-img and qemu-io are the reference our disk formats are
+# cross-checked against) and the strict AWS emulator (moto, in a venv: see moto/README.md).
+# The vCenter, Azure and Hyper-V emulators join this folder with the issues that need them.
 set -euo pipefail
 
 need_apt=()
@@ -19,3 +19,4 @@ if ((${#need_apt[@]})); then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 qemu-img --version | head -n 1
+"$(dirname "$0")/moto/install.sh"
