@@ -7,6 +7,7 @@
 
 pub mod aws;
 pub mod blocks;
+pub mod bootinfo;
 pub mod error;
 
 pub use error::{Error, Result};
