@@ -373,7 +373,7 @@ async fn prune_keeps_the_newest_and_never_a_snapshot_still_mapped() {
     let report = ami::prune(&clients, &filter, 1, false).await.unwrap();
     assert_eq!(report.plan, dry.plan);
     // s1 goes; s2 stays for the untagged AMI, `shared` for the kept one.
-    assert_eq!(report.plan.delete_snapshots, [s1.clone()]);
+    assert_eq!(report.plan.delete_snapshots, std::slice::from_ref(&s1));
     let mut retained: Vec<_> = report
         .plan
         .retained_snapshots
