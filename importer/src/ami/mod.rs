@@ -24,6 +24,37 @@ pub struct BootRequest {
     pub architecture: Option<Architecture>,
 }
 
+impl BootRequest {
+    /// Parses the CLI values: `--boot-mode auto|uefi|legacy-bios` and
+    /// `--architecture auto|x86_64|arm64`.
+    pub fn parse(boot_mode: &str, architecture: &str) -> Result<Self> {
+        let boot_mode = match boot_mode {
+            "auto" => None,
+            "uefi" => Some(BootMode::Uefi),
+            "legacy-bios" => Some(BootMode::LegacyBios),
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "boot mode {other:?}: expected auto, uefi or legacy-bios"
+                )));
+            }
+        };
+        let architecture = match architecture {
+            "auto" => None,
+            "x86_64" => Some(Architecture::X86_64),
+            "arm64" => Some(Architecture::Arm64),
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "architecture {other:?}: expected auto, x86_64 or arm64"
+                )));
+            }
+        };
+        Ok(Self {
+            boot_mode,
+            architecture,
+        })
+    }
+}
+
 /// The boot mode and architecture to register `disk` with: what was asked, else what the
 /// image shows (GPT with an ESP → uefi, else legacy-bios; the loader's architecture, else
 /// x86_64). The disk is only read when something is left to auto.
@@ -125,6 +156,23 @@ mod tests {
             resolve_boot(&disk, BootRequest::default()).ok(),
             Some((BootMode::LegacyBios, Architecture::X86_64))
         );
+    }
+
+    #[test]
+    fn cli_values_parse() {
+        assert_eq!(
+            BootRequest::parse("auto", "auto").ok(),
+            Some(BootRequest::default())
+        );
+        assert_eq!(
+            BootRequest::parse("legacy-bios", "arm64").ok(),
+            Some(BootRequest {
+                boot_mode: Some(BootMode::LegacyBios),
+                architecture: Some(Architecture::Arm64)
+            })
+        );
+        assert!(BootRequest::parse("bios", "auto").is_err());
+        assert!(BootRequest::parse("uefi", "aarch64").is_err());
     }
 
     #[test]
