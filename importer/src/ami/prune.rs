@@ -190,7 +190,9 @@ async fn list_images(clients: &Clients, tag: Option<&TagFilter>) -> Result<Vec<P
         .ec2
         .describe_images()
         .owners("self")
-        .include_deprecated(true);
+        // Deprecated and disabled AMIs still map their snapshots: they count as users too.
+        .include_deprecated(true)
+        .include_disabled(true);
     if let Some(tag) = tag {
         request = request.filters(
             Filter::builder()
