@@ -343,8 +343,9 @@ async fn prune_keeps_the_newest_and_never_a_snapshot_still_mapped() {
                 .await
                 .unwrap(),
         );
-        // Creation dates must differ for "newest" to mean something.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Creation dates must differ for "newest" to mean something, and the emulator's
+        // may be whole seconds (AWS's carry milliseconds).
+        tokio::time::sleep(Duration::from_millis(1100)).await;
     }
     let untagged = ami::register(
         &clients,
