@@ -1,6 +1,7 @@
 //! `rehost`: the connector's command line. Today it carries the disk-image tools
 //! (`rehost disk …`); the importer, sources, jobs and the API server join it as they land.
 
+mod amis_cmd;
 mod disk_cmd;
 mod output;
 mod progress;
@@ -27,6 +28,9 @@ enum Command {
     /// Inspect, map, checksum and convert disk images (raw, VMDK, VHD, VHDX).
     #[command(subcommand)]
     Disk(disk_cmd::DiskCommand),
+    /// Manage the AMIs rehost registered (retention).
+    #[command(subcommand)]
+    Amis(amis_cmd::AmisCommand),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
     init_logging(&cli.log);
     let result = match cli.command {
         Command::Disk(cmd) => disk_cmd::run(cmd),
+        Command::Amis(cmd) => amis_cmd::run(cmd),
     };
     match result {
         Ok(code) => code,

@@ -5,8 +5,10 @@
 //! AWS clients are passed in (see [`aws::Clients`]) so tests point them at the local
 //! emulator; the pure parts (which blocks to send, checksums) are apart from the I/O.
 
+pub mod ami;
 pub mod aws;
 pub mod blocks;
+pub mod bootinfo;
 pub mod error;
 
 pub use error::{Error, Result};
