@@ -8,6 +8,13 @@ set -euo pipefail
 need_apt=()
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v qemu-io >/dev/null 2>&1 || need_apt+=(qemu-utils)
+# scripts/make-boot-image.sh builds the GPT/ESP and MBR test disks without loop devices.
+command -v sgdisk >/dev/null 2>&1 || need_apt+=(gdisk)
+command -v sfdisk >/dev/null 2>&1 || need_apt+=(fdisk)
+command -v mkfs.vfat >/dev/null 2>&1 || need_apt+=(dosfstools)
+command -v mcopy >/dev/null 2>&1 || need_apt+=(mtools)
+# A real EFI loader for the UEFI test disk (a stub PE is used without it).
+[[ -f /usr/lib/systemd/boot/efi/systemd-bootx64.efi ]] || need_apt+=(systemd-boot-efi)
 
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
