@@ -8,5 +8,6 @@
 pub mod aws;
 pub mod blocks;
 pub mod error;
+pub mod s3;
 
 pub use error::{Error, Result};
