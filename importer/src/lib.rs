@@ -9,5 +9,6 @@ pub mod aws;
 pub mod blocks;
 pub mod error;
 pub mod s3;
+pub mod verify;
 
 pub use error::{Error, Result};
