@@ -1,9 +1,12 @@
 //! `rehost`: the connector's command line. Today it carries the disk-image tools
 //! (`rehost disk …`); the importer, sources, jobs and the API server join it as they land.
 
+mod aws_args;
 mod disk_cmd;
 mod output;
 mod progress;
+mod snapshot_cmd;
+mod stage_cmd;
 
 use std::process::ExitCode;
 
@@ -27,6 +30,11 @@ enum Command {
     /// Inspect, map, checksum and convert disk images (raw, VMDK, VHD, VHDX).
     #[command(subcommand)]
     Disk(disk_cmd::DiskCommand),
+    /// Upload a local image to S3 (multipart, checksummed, aborted on failure).
+    Stage(stage_cmd::StageArgs),
+    /// Read EBS snapshots back: verify against an image, download as raw.
+    #[command(subcommand)]
+    Snapshot(snapshot_cmd::SnapshotCommand),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +42,8 @@ fn main() -> ExitCode {
     init_logging(&cli.log);
     let result = match cli.command {
         Command::Disk(cmd) => disk_cmd::run(cmd),
+        Command::Stage(args) => stage_cmd::run(args),
+        Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
     };
     match result {
         Ok(code) => code,
