@@ -328,7 +328,7 @@ impl Merge<'_> {
             self.snapshot_done = self.snapshot_head.is_none();
         }
         if self.image_head.is_none() && !self.image_done {
-            self.image_head = self.image.recv().await;
+            self.image_head = self.image.recv().await.transpose()?;
             self.image_done = self.image_head.is_none();
         }
         Ok(match (self.snapshot_head.take(), self.image_head.take()) {
@@ -356,8 +356,9 @@ impl Merge<'_> {
     }
 }
 
-/// The image's non-zero blocks: index and SHA-256, in index order.
-type ImageDigests = mpsc::Receiver<(u64, [u8; 32])>;
+/// The image's non-zero blocks: index and SHA-256, in index order; a failure to read the
+/// image comes through it too, so that the comparison stops at once.
+type ImageDigests = mpsc::Receiver<Result<(u64, [u8; 32])>>;
 
 /// Streams `disk` on a blocking thread and sends the index and SHA-256 of every block
 /// that is not all zero, in order. The task returns how many it sent.
@@ -368,50 +369,68 @@ fn image_blocks(
 ) -> (ImageDigests, tokio::task::JoinHandle<Result<u64>>) {
     // A few hundred digests in the channel keep the reader ahead of the fetchers.
     let (tx, rx) = mpsc::channel(1024);
-    let task = tokio::task::spawn_blocking(move || {
-        let mut planner = BlockPlanner::new(Policy {
-            write_zeros: false,
-            has_parent: false,
-        });
-        let mut sent = 0u64;
-        let mut send = |block: crate::blocks::PlannedBlock| -> Result<()> {
-            let BlockContent::Whole(data) = block.content else {
-                return Err(Error::InvalidInput(format!(
-                    "block {} planned as partial in a full read",
-                    block.index
-                )));
-            };
-            tx.blocking_send((block.index, block_sha256(&data)))
-                .map_err(|_| Error::InvalidInput("verification stopped".into()))?;
-            sent += 1;
-            Ok(())
-        };
-        let options = StreamOptions {
-            threads: threads.max(1),
-            ..StreamOptions::default()
-        };
-        let mut failure = None;
-        let streamed = for_each_extent(&disk, &options, |extent| {
-            let end = extent.end();
-            let planned = planner
-                .push(extent)
-                .and_then(|blocks| blocks.into_iter().try_for_each(&mut send));
-            progress(end);
-            planned.map_err(|e| {
-                failure = Some(e);
-                rehost_diskimage::Error::InvalidInput("stopped".into())
-            })
-        });
-        if let Some(err) = failure {
-            return Err(err);
-        }
-        streamed?;
-        if let (Some(last), _) = planner.finish() {
-            send(last)?;
-        }
-        Ok(sent)
-    });
+    let task =
+        tokio::task::spawn_blocking(
+            move || match stream_digests(&disk, threads, &progress, &tx) {
+                Ok(sent) => Ok(sent),
+                Err(err) => {
+                    let message = err.to_string();
+                    let _ = tx.blocking_send(Err(err));
+                    Err(Error::InvalidInput(format!("reading the image: {message}")))
+                }
+            },
+        );
     (rx, task)
+}
+
+/// The body of [`image_blocks`]' task.
+fn stream_digests(
+    disk: &Disk,
+    threads: usize,
+    progress: &dyn Fn(u64),
+    tx: &mpsc::Sender<Result<(u64, [u8; 32])>>,
+) -> Result<u64> {
+    let mut planner = BlockPlanner::new(Policy {
+        write_zeros: false,
+        has_parent: false,
+    });
+    let mut sent = 0u64;
+    let mut send = |block: crate::blocks::PlannedBlock| -> Result<()> {
+        let BlockContent::Whole(data) = block.content else {
+            return Err(Error::InvalidInput(format!(
+                "block {} planned as partial in a full read",
+                block.index
+            )));
+        };
+        tx.blocking_send(Ok((block.index, block_sha256(&data))))
+            .map_err(|_| Error::InvalidInput("verification stopped".into()))?;
+        sent += 1;
+        Ok(())
+    };
+    let options = StreamOptions {
+        threads: threads.max(1),
+        ..StreamOptions::default()
+    };
+    let mut failure = None;
+    let streamed = for_each_extent(disk, &options, |extent| {
+        let end = extent.end();
+        let planned = planner
+            .push(extent)
+            .and_then(|blocks| blocks.into_iter().try_for_each(&mut send));
+        progress(end);
+        planned.map_err(|e| {
+            failure = Some(e);
+            rehost_diskimage::Error::InvalidInput("stopped".into())
+        })
+    });
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    streamed?;
+    if let (Some(last), _) = planner.finish() {
+        send(last)?;
+    }
+    Ok(sent)
 }
 
 async fn join_image(task: tokio::task::JoinHandle<Result<u64>>) -> Result<u64> {
