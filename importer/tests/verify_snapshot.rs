@@ -301,3 +301,59 @@ async fn a_missing_snapshot_is_a_clear_error() {
     assert!(err.to_string().contains("snap-0123456789abcdef0"), "{err}");
     assert_eq!(err.kind(), rehost_core::ErrorKind::NotFound, "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_replaced_in_s3_during_verify_fails_it() {
+    let moto = Moto::start();
+    let clients = moto.clients().await;
+    clients
+        .s3
+        .create_bucket()
+        .bucket("images")
+        .send()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = image_bytes();
+    let snapshot_id = put_snapshot(&clients, &bytes).await;
+    let image = vhdx(dir.path(), "d.vhdx", &bytes);
+    assert!(
+        std::fs::metadata(&image).unwrap().len() > 4 << 20,
+        "the image must span several read windows"
+    );
+    let url = S3Url::parse("s3://images/d.vhdx").unwrap();
+    stage(&clients, &image, &url, &StageOptions::default(), &|_| {})
+        .await
+        .unwrap();
+    let fs = S3Fs::new(
+        clients.s3.clone(),
+        "images",
+        tokio::runtime::Handle::current(),
+    );
+    let disk = tokio::task::spawn_blocking(move || Disk::open_with(&fs, "d.vhdx").unwrap())
+        .await
+        .unwrap();
+    // Replaced after open: the reads past the first window are refused by If-Match.
+    clients
+        .s3
+        .put_object()
+        .bucket("images")
+        .key("d.vhdx")
+        .body(vec![0u8; 1024].into())
+        .send()
+        .await
+        .unwrap();
+    let err = verify::verify(&clients, &snapshot_id, &disk, |_| {})
+        .await
+        .unwrap_err();
+    let mut chain = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        chain.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    assert!(
+        chain.contains("s3://images/d.vhdx") && chain.contains("replaced while being read"),
+        "{chain}"
+    );
+}
