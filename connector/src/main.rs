@@ -1,10 +1,14 @@
-//! `rehost`: the connector's command line. Today it carries the disk-image tools
-//! (`rehost disk …`); the importer, sources, jobs and the API server join it as they land.
+//! `rehost`: the connector's command line: the disk-image tools (`rehost disk …`) and the
+//! importer (`import`, `stage`, `snapshot`, `amis`); sources, jobs and the API server join
+//! it as they land.
 
 mod amis_cmd;
+mod aws_args;
 mod disk_cmd;
 mod output;
 mod progress;
+mod snapshot_cmd;
+mod stage_cmd;
 
 use std::process::ExitCode;
 
@@ -31,6 +35,11 @@ enum Command {
     /// Manage the AMIs rehost registered (retention).
     #[command(subcommand)]
     Amis(amis_cmd::AmisCommand),
+    /// Upload a local image to S3 (multipart, checksummed, aborted on failure).
+    Stage(stage_cmd::StageArgs),
+    /// Read EBS snapshots back: verify against an image, download as raw.
+    #[command(subcommand)]
+    Snapshot(snapshot_cmd::SnapshotCommand),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +48,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Disk(cmd) => disk_cmd::run(cmd),
         Command::Amis(cmd) => amis_cmd::run(cmd),
+        Command::Stage(args) => stage_cmd::run(args),
+        Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
     };
     match result {
         Ok(code) => code,

@@ -10,5 +10,7 @@ pub mod aws;
 pub mod blocks;
 pub mod bootinfo;
 pub mod error;
+pub mod s3;
+pub mod verify;
 
 pub use error::{Error, Result};
