@@ -2,10 +2,10 @@
 
 use std::process::ExitCode;
 
+use crate::aws_args::AwsArgs;
 use anyhow::{Context, Result};
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use rehost_importer::ami::{self, PruneReport, TagFilter};
-use rehost_importer::aws::{AwsOptions, Clients};
 
 use crate::output::{OutputMode, print_json};
 
@@ -32,42 +32,13 @@ pub enum AmisCommand {
     },
 }
 
-/// Where and as whom to reach AWS. A stand-in for the shared `aws_args.rs` (same flags),
-/// to be replaced by it when both land.
-#[derive(Debug, Args)]
-pub struct AwsArgs {
-    /// AWS region (else the profile's or AWS_REGION).
-    #[arg(long, env = "AWS_REGION")]
-    region: Option<String>,
-    /// Named profile from ~/.aws/config.
-    #[arg(long, env = "AWS_PROFILE")]
-    profile: Option<String>,
-    /// One endpoint for every AWS service (e.g. a local emulator).
-    #[arg(long, env = "AWS_ENDPOINT_URL")]
-    endpoint_url: Option<String>,
-}
-
-impl AwsArgs {
-    fn options(&self) -> AwsOptions {
-        AwsOptions {
-            region: self.region.clone(),
-            profile: self.profile.clone(),
-            endpoint_url: self.endpoint_url.clone(),
-            static_credentials: None,
-        }
-    }
-}
-
 fn parse_tag(s: &str) -> Result<TagFilter, String> {
     s.parse().map_err(|e: rehost_importer::Error| e.to_string())
 }
 
 /// Runs an `amis` command.
 pub fn run(command: AmisCommand) -> Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = crate::aws_args::runtime()?;
     match command {
         AmisCommand::Prune {
             tag,
@@ -76,7 +47,7 @@ pub fn run(command: AmisCommand) -> Result<ExitCode> {
             output,
             aws,
         } => runtime.block_on(async {
-            let clients = Clients::load(&aws.options()).await;
+            let clients = aws.clients().await;
             let report = ami::prune(&clients, &tag, keep, dry_run)
                 .await
                 .with_context(|| format!("pruning AMIs tagged {}={}", tag.key, tag.value))?;
