@@ -28,6 +28,9 @@ pub enum Error {
         snapshot_id: String,
         block_index: u64,
     },
+    /// Stopped on request (Ctrl-C, a cancelled run); `what` says what was stopped.
+    #[error("{what}: cancelled")]
+    Cancelled { what: String },
     /// Local I/O (journals, output files).
     #[error("{path}: {op}")]
     Io {
@@ -47,6 +50,7 @@ impl Error {
             Error::InvalidInput(_) => ErrorKind::InvalidInput,
             Error::Mismatch { .. } => ErrorKind::CorruptImage,
             Error::Io { .. } => ErrorKind::Transient,
+            Error::Cancelled { .. } => ErrorKind::Cancelled,
         }
     }
 }

@@ -238,6 +238,7 @@ async fn a_cancelled_stage_aborts_its_upload() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("cancelled"), "{err}");
+    assert_eq!(err.kind(), rehost_core::ErrorKind::Cancelled);
     assert!(moto.stats()["requests"]["s3:UploadPart"].as_u64().unwrap() < 6);
     assert_eq!(moto.stats()["requests"]["s3:AbortMultipartUpload"], 1);
     assert_eq!(open_uploads(&clients, "staging").await, 0);

@@ -224,11 +224,7 @@ impl Source {
 }
 
 fn cancelled(path: &str) -> Error {
-    Error::Io {
-        path: path.to_owned(),
-        op: "stage (cancelled)",
-        source: std::io::Error::new(std::io::ErrorKind::Interrupted, "cancelled"),
-    }
+    Error::Cancelled { what: format!("staging {path}") }
 }
 
 async fn put_single(
