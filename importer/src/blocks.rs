@@ -79,7 +79,12 @@ struct Assembly {
 impl BlockPlanner {
     /// A planner at offset 0.
     pub fn new(policy: Policy) -> Self {
-        Self { policy, position: 0, current: None, skipped: 0 }
+        Self {
+            policy,
+            position: 0,
+            current: None,
+            skipped: 0,
+        }
     }
 
     /// Blocks decided not to be sent so far.
@@ -102,7 +107,10 @@ impl BlockPlanner {
             let index = self.position / EBS_BLOCK_SIZE;
             let block_start = index * EBS_BLOCK_SIZE;
             let piece_end = end.min(block_start + EBS_BLOCK_SIZE);
-            let (from, to) = (offset_in_block(self.position), offset_in_block_end(piece_end, block_start));
+            let (from, to) = (
+                offset_in_block(self.position),
+                offset_in_block_end(piece_end, block_start),
+            );
             let skip_whole = matches!(&extent, Extent::Unchanged { .. } | Extent::Zero { .. })
                 && from == 0
                 && to == BLOCK_LEN
@@ -120,7 +128,9 @@ impl BlockPlanner {
                         block.any_data = true;
                     }
                     Extent::Zero { .. } => block.present.push((from, to)),
-                    Extent::Unchanged { .. } if !self.policy.has_parent => block.present.push((from, to)),
+                    Extent::Unchanged { .. } if !self.policy.has_parent => {
+                        block.present.push((from, to))
+                    }
                     Extent::Unchanged { .. } => {}
                 }
                 if to == BLOCK_LEN {
@@ -173,15 +183,26 @@ impl BlockPlanner {
         let content = if whole || !self.policy.has_parent {
             BlockContent::Whole(a.data.freeze())
         } else {
-            BlockContent::Partial { data: a.data.freeze(), present }
+            BlockContent::Partial {
+                data: a.data.freeze(),
+                present,
+            }
         };
-        Some(PlannedBlock { index: a.index, content })
+        Some(PlannedBlock {
+            index: a.index,
+            content,
+        })
     }
 }
 
 impl Assembly {
     fn new(index: u64) -> Self {
-        Self { index, data: BytesMut::zeroed(BLOCK_LEN), present: Vec::new(), any_data: false }
+        Self {
+            index,
+            data: BytesMut::zeroed(BLOCK_LEN),
+            present: Vec::new(),
+            any_data: false,
+        }
     }
 }
 
@@ -191,7 +212,9 @@ fn offset_in_block(position: u64) -> usize {
 }
 
 fn offset_in_block_end(end: u64, block_start: u64) -> usize {
-    usize::try_from(end - block_start).unwrap_or(BLOCK_LEN).min(BLOCK_LEN)
+    usize::try_from(end - block_start)
+        .unwrap_or(BLOCK_LEN)
+        .min(BLOCK_LEN)
 }
 
 fn too_big() -> Error {
@@ -214,7 +237,10 @@ fn merge_ranges(mut ranges: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
 /// Fills the parts of a partial block that are not `present` from the parent's block.
 pub fn merge_with_parent(data: &Bytes, present: &[(usize, usize)], parent: &[u8]) -> Result<Bytes> {
     if parent.len() != BLOCK_LEN {
-        return Err(Error::InvalidInput(format!("parent block is {} bytes, not {BLOCK_LEN}", parent.len())));
+        return Err(Error::InvalidInput(format!(
+            "parent block is {} bytes, not {BLOCK_LEN}",
+            parent.len()
+        )));
     }
     let mut merged = BytesMut::from(parent);
     for &(s, e) in present {
@@ -247,7 +273,9 @@ impl LinearChecksum {
     /// Adds block `index`'s digest; indexes must increase.
     pub fn add(&mut self, index: u64, digest: &[u8; 32]) -> Result<()> {
         if self.last_index.is_some_and(|last| index <= last) {
-            return Err(Error::InvalidInput(format!("block {index} added out of order")));
+            return Err(Error::InvalidInput(format!(
+                "block {index} added out of order"
+            )));
         }
         self.last_index = Some(index);
         self.blocks += 1;
@@ -275,7 +303,10 @@ mod tests {
     const B: u64 = EBS_BLOCK_SIZE;
 
     fn data(offset: u64, len: usize, byte: u8) -> Extent {
-        Extent::Data { offset, data: Bytes::from(vec![byte; len]) }
+        Extent::Data {
+            offset,
+            data: Bytes::from(vec![byte; len]),
+        }
     }
 
     fn plan(policy: Policy, extents: Vec<Extent>) -> (Vec<PlannedBlock>, u64) {
@@ -289,15 +320,31 @@ mod tests {
         (out, skipped)
     }
 
-    const FULL: Policy = Policy { write_zeros: false, has_parent: false };
-    const ENCRYPTED: Policy = Policy { write_zeros: true, has_parent: false };
-    const DELTA: Policy = Policy { write_zeros: false, has_parent: true };
+    const FULL: Policy = Policy {
+        write_zeros: false,
+        has_parent: false,
+    };
+    const ENCRYPTED: Policy = Policy {
+        write_zeros: true,
+        has_parent: false,
+    };
+    const DELTA: Policy = Policy {
+        write_zeros: false,
+        has_parent: true,
+    };
 
     #[test]
     fn full_import_skips_holes_and_zero_data() {
         let (blocks, skipped) = plan(
             FULL,
-            vec![data(0, BLOCK_LEN, 1), Extent::Unchanged { offset: B, len: 2 * B }, data(3 * B, BLOCK_LEN, 0)],
+            vec![
+                data(0, BLOCK_LEN, 1),
+                Extent::Unchanged {
+                    offset: B,
+                    len: 2 * B,
+                },
+                data(3 * B, BLOCK_LEN, 0),
+            ],
         );
         assert_eq!(blocks.iter().map(|b| b.index).collect::<Vec<_>>(), vec![0]);
         assert_eq!(skipped, 3);
@@ -305,11 +352,23 @@ mod tests {
 
     #[test]
     fn encrypted_import_writes_every_block() {
-        let (blocks, skipped) =
-            plan(ENCRYPTED, vec![Extent::Zero { offset: 0, len: B }, Extent::Unchanged { offset: B, len: B + 512 }]);
+        let (blocks, skipped) = plan(
+            ENCRYPTED,
+            vec![
+                Extent::Zero { offset: 0, len: B },
+                Extent::Unchanged {
+                    offset: B,
+                    len: B + 512,
+                },
+            ],
+        );
         assert_eq!(blocks.len(), 3);
         assert_eq!(skipped, 0);
-        assert!(blocks.iter().all(|b| matches!(&b.content, BlockContent::Whole(d) if d.iter().all(|&x| x == 0))));
+        assert!(
+            blocks
+                .iter()
+                .all(|b| matches!(&b.content, BlockContent::Whole(d) if d.iter().all(|&x| x == 0)))
+        );
     }
 
     #[test]
@@ -320,12 +379,23 @@ mod tests {
                 Extent::Unchanged { offset: 0, len: B },
                 Extent::Zero { offset: B, len: B },
                 data(2 * B, 65536, 7),
-                Extent::Unchanged { offset: 2 * B + 65536, len: B - 65536 },
+                Extent::Unchanged {
+                    offset: 2 * B + 65536,
+                    len: B - 65536,
+                },
             ],
         );
         assert_eq!(skipped, 1);
-        assert_eq!(blocks[0], PlannedBlock { index: 1, content: BlockContent::Whole(Bytes::from(vec![0; BLOCK_LEN])) });
-        let BlockContent::Partial { data, present } = &blocks[1].content else { panic!("{:?}", blocks[1]) };
+        assert_eq!(
+            blocks[0],
+            PlannedBlock {
+                index: 1,
+                content: BlockContent::Whole(Bytes::from(vec![0; BLOCK_LEN]))
+            }
+        );
+        let BlockContent::Partial { data, present } = &blocks[1].content else {
+            panic!("{:?}", blocks[1])
+        };
         assert_eq!(present, &vec![(0, 65536)]);
         let merged = merge_with_parent(data, present, &vec![9u8; BLOCK_LEN]).unwrap();
         assert_eq!(merged[65535], 7);
@@ -335,7 +405,9 @@ mod tests {
     #[test]
     fn the_last_partial_block_is_padded_with_zeros() {
         let (blocks, _) = plan(DELTA, vec![data(0, 1000, 3)]);
-        let BlockContent::Whole(d) = &blocks[0].content else { panic!() };
+        let BlockContent::Whole(d) = &blocks[0].content else {
+            panic!()
+        };
         assert_eq!((d[999], d[1000], d.len()), (3, 0, BLOCK_LEN));
     }
 

@@ -24,7 +24,10 @@ pub enum Error {
     InvalidInput(String),
     /// A snapshot read back differs from the image.
     #[error("snapshot {snapshot_id} differs from the image at block {block_index}")]
-    Mismatch { snapshot_id: String, block_index: u64 },
+    Mismatch {
+        snapshot_id: String,
+        block_index: u64,
+    },
     /// Local I/O (journals, output files).
     #[error("{path}: {op}")]
     Io {
