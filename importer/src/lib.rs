@@ -7,6 +7,8 @@
 
 pub mod aws;
 pub mod blocks;
+pub mod ebs;
 pub mod error;
+pub mod import;
 
 pub use error::{Error, Result};
