@@ -31,11 +31,15 @@ pub struct Faults {
 }
 
 fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn python() -> PathBuf {
-    let home = std::env::var("REHOST_EMULATOR_HOME").unwrap_or_else(|_| "/var/tmp/rehost-emulators".into());
+    let home = std::env::var("REHOST_EMULATOR_HOME")
+        .unwrap_or_else(|_| "/var/tmp/rehost-emulators".into());
     let python = PathBuf::from(home).join("moto-venv/bin/python");
     assert!(
         python.exists(),
@@ -60,7 +64,10 @@ impl Moto {
             .env("REHOST_FAULT_RATE", faults.rate.to_string())
             .env("REHOST_FAULT_SEED", faults.seed.to_string())
             .env("REHOST_FAULT_SERVICES", &faults.services)
-            .env("REHOST_EBS_NEW_SNAPSHOT_INVISIBLE_MS", faults.new_snapshot_invisible_ms.to_string())
+            .env(
+                "REHOST_EBS_NEW_SNAPSHOT_INVISIBLE_MS",
+                faults.new_snapshot_invisible_ms.to_string(),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -68,14 +75,20 @@ impl Moto {
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let port = loop {
-            let line = lines.next().expect("strict_moto.py exited before READY").unwrap();
+            let line = lines
+                .next()
+                .expect("strict_moto.py exited before READY")
+                .unwrap();
             if let Some(port) = line.strip_prefix("READY ") {
                 break port.trim().to_owned();
             }
         };
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Self { child, endpoint: format!("http://127.0.0.1:{port}") }
+        Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
     }
 
     /// AWS options pointing every service at this emulator.
@@ -95,7 +108,10 @@ impl Moto {
 
     /// The emulator's request counters (`/_rehost/stats`).
     pub fn stats(&self) -> serde_json::Value {
-        let out = Command::new("curl").args(["-sf", &format!("{}/_rehost/stats", self.endpoint)]).output().unwrap();
+        let out = Command::new("curl")
+            .args(["-sf", &format!("{}/_rehost/stats", self.endpoint)])
+            .output()
+            .unwrap();
         serde_json::from_slice(&out.stdout).unwrap()
     }
 }
