@@ -2,6 +2,7 @@
 //! (`rehost disk …`); the importer, sources, jobs and the API server join it as they land.
 
 mod disk_cmd;
+mod import_cmd;
 mod output;
 mod progress;
 
@@ -27,6 +28,8 @@ enum Command {
     /// Inspect, map, checksum and convert disk images (raw, VMDK, VHD, VHDX).
     #[command(subcommand)]
     Disk(disk_cmd::DiskCommand),
+    /// Import a disk image into a verified EBS snapshot (incrementally onto a parent).
+    Import(Box<import_cmd::ImportArgs>),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     init_logging(&cli.log);
     let result = match cli.command {
         Command::Disk(cmd) => disk_cmd::run(cmd),
+        Command::Import(args) => import_cmd::run(*args),
     };
     match result {
         Ok(code) => code,
