@@ -383,3 +383,65 @@ async fn missing_credentials_fail_fast_with_a_clear_error() {
     assert!(err.to_string().contains("StartSnapshot"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5), "not retried");
 }
+
+/// The strict emulator with moto's IAM checks on (`INITIAL_NO_AUTH_ACTION_COUNT=0`): only
+/// known access keys are accepted. (By default moto accepts any key.)
+struct AuthMoto(std::process::Child, String);
+
+impl AuthMoto {
+    fn start() -> Self {
+        use std::io::{BufRead, BufReader};
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let mut child = Command::new("/var/tmp/rehost-emulators/moto-venv/bin/python")
+            .arg(root.join("tests/emulators/moto/strict_moto.py"))
+            .args(["--port", "0"])
+            .env("INITIAL_NO_AUTH_ACTION_COUNT", "0")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let port = loop {
+            let line = lines.next().unwrap().unwrap();
+            if let Some(port) = line.strip_prefix("READY ") {
+                break port.trim().to_owned();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Self(child, format!("http://127.0.0.1:{port}"))
+    }
+}
+
+impl Drop for AuthMoto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_credentials_fail_fast_with_a_clear_error() {
+    let moto = AuthMoto::start();
+    let clients = Clients::load(&rehost_importer::aws::AwsOptions {
+        region: Some("us-east-1".into()),
+        profile: None,
+        endpoint_url: Some(moto.1.clone()),
+        static_credentials: Some(("AKIAWRONGWRONGWRONG1".into(), "wrong".into())),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "disk", "raw", &base_content());
+    let disk = Disk::open(path.to_str().unwrap()).unwrap();
+    let started = Instant::now();
+    let err = import(&clients, &disk, &options(&path, dir.path()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("StartSnapshot") && text.contains("access denied"),
+        "{text}"
+    );
+    assert!(text.len() < 300, "short: {text}");
+    assert!(started.elapsed() < Duration::from_secs(5), "not retried");
+}

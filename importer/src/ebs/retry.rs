@@ -155,9 +155,19 @@ where
         SdkError::ResponseError(_) | SdkError::ServiceError(_) => kind_of(code.as_deref(), status),
         _ => ErrorKind::Transient,
     };
-    let detail = match (err.message(), err) {
+    let detail = match (err.message(), status) {
         (Some(message), _) => message.to_owned(),
-        (None, _) => DisplayErrorContext(err).to_string(),
+        // An answer we could not parse (e.g. an XML error where JSON was expected): its
+        // status says enough, the raw response would only bury it.
+        (None, Some(status)) => match kind {
+            ErrorKind::PermissionDenied => {
+                format!(
+                    "HTTP {status}: access denied (check the credentials, region and IAM permissions)"
+                )
+            }
+            _ => format!("HTTP {status}"),
+        },
+        (None, None) => DisplayErrorContext(err).to_string(),
     };
     let message = if context.is_empty() {
         detail
