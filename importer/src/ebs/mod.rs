@@ -5,4 +5,5 @@
 pub mod journal;
 pub mod read;
 pub mod retry;
+pub mod steps;
 pub mod uploader;
