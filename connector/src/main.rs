@@ -5,6 +5,7 @@
 mod amis_cmd;
 mod aws_args;
 mod disk_cmd;
+mod import_cmd;
 mod output;
 mod progress;
 mod snapshot_cmd;
@@ -40,6 +41,8 @@ enum Command {
     /// Read EBS snapshots back: verify against an image, download as raw.
     #[command(subcommand)]
     Snapshot(snapshot_cmd::SnapshotCommand),
+    /// Import a disk image into a verified EBS snapshot (incrementally onto a parent).
+    Import(Box<import_cmd::ImportArgs>),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Amis(cmd) => amis_cmd::run(cmd),
         Command::Stage(args) => stage_cmd::run(args),
         Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
+        Command::Import(args) => import_cmd::run(*args),
     };
     match result {
         Ok(code) => code,

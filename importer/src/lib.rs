@@ -9,7 +9,9 @@ pub mod ami;
 pub mod aws;
 pub mod blocks;
 pub mod bootinfo;
+pub mod ebs;
 pub mod error;
+pub mod import;
 pub mod s3;
 pub mod verify;
 
