@@ -44,3 +44,44 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()
         .context("starting the async runtime")
 }
+
+/// Opens a disk image from a local path or an `s3://bucket/key` URL (read with ranged
+/// GETs, never downloaded), with a fingerprint that tells a resumed import it is the same
+/// source. Call it outside the runtime's async context: S3 reads block on the runtime.
+pub fn open_source(
+    source: &str,
+    clients: &Clients,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<(
+    rehost_diskimage::Disk,
+    rehost_importer::ebs::journal::SourceIdentity,
+)> {
+    use rehost_diskimage::ReadAt;
+    use rehost_importer::ebs::journal::SourceIdentity;
+    use rehost_importer::s3::{S3Fs, S3Url};
+
+    if S3Url::is_s3(source) {
+        let url = S3Url::parse(source)?;
+        let fs = S3Fs::new(
+            clients.s3.clone(),
+            url.bucket.clone(),
+            runtime.handle().clone(),
+        );
+        let object = fs
+            .open_object(&url.key)
+            .with_context(|| format!("opening {source}"))?;
+        let identity = SourceIdentity {
+            location: source.to_owned(),
+            size_bytes: object.len().with_context(|| format!("sizing {source}"))?,
+            fingerprint: object.etag().to_owned(),
+        };
+        let disk = rehost_diskimage::Disk::open_with(&fs, &url.key)
+            .with_context(|| format!("opening {source}"))?;
+        Ok((disk, identity))
+    } else {
+        let disk =
+            rehost_diskimage::Disk::open(source).with_context(|| format!("opening {source}"))?;
+        let identity = SourceIdentity::local(std::path::Path::new(source))?;
+        Ok((disk, identity))
+    }
+}

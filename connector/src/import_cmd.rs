@@ -1,41 +1,54 @@
 //! `rehost import`: a disk image (any format the disk-image library reads) to a verified
 //! EBS snapshot through the EBS direct APIs, incrementally onto a parent snapshot, resumable.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use rehost_diskimage::Disk;
-use rehost_importer::aws::{AwsOptions, Clients};
+use rehost_importer::ami::{self, AmiSpec, BootRequest, SnapshotVolume};
+use rehost_importer::aws::Clients;
 use rehost_importer::ebs::journal::{JournalLocation, SourceIdentity};
 use rehost_importer::ebs::uploader::Encryption;
 use rehost_importer::import::{
     ImportOptions, ImportReport, ImportStatus, ProgressCallback, import,
 };
 
+use crate::aws_args::{self, AwsArgs};
 use crate::output::{OutputMode, print_json};
 use crate::progress::bytes_bar;
 
 /// `rehost import` arguments.
 #[derive(Debug, Args)]
 pub struct ImportArgs {
-    /// The image: a local file (`s3://bucket/key` sources are coming).
+    /// The image: a local file or `s3://bucket/key`, in any format `rehost disk` reads.
     source: String,
     /// Output for people (table) or scripts (json).
     #[arg(long, value_enum, default_value_t)]
     output: OutputMode,
-    /// AWS region (else the profile's or the environment's).
-    #[arg(long)]
-    region: Option<String>,
-    /// Named AWS profile.
-    #[arg(long)]
-    profile: Option<String>,
-    /// One endpoint for every AWS service (e.g. an emulator).
-    #[arg(long)]
-    endpoint_url: Option<String>,
+    #[command(flatten)]
+    aws: AwsArgs,
+    /// Register an AMI of this name with the snapshot as its root volume.
+    #[arg(long, value_name = "NAME")]
+    register_ami: Option<String>,
+    /// More volumes for the AMI (file or s3://), each imported and mapped as /dev/sdb, …
+    #[arg(
+        long = "data-disk",
+        value_name = "FILE_OR_S3",
+        requires = "register_ami",
+        conflicts_with = "journal"
+    )]
+    data_disks: Vec<String>,
+    /// The AMI's boot mode; auto reads it from the image (GPT with an EFI System
+    /// Partition → uefi, else legacy-bios).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "uefi", "legacy-bios"])]
+    boot_mode: String,
+    /// The AMI's architecture; auto reads the EFI loader's name and PE header (default x86_64).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "x86_64", "arm64"])]
+    architecture: String,
     /// Volume size in GiB (default: the image's virtual size rounded up).
     #[arg(long)]
     volume_size_gib: Option<i64>,
@@ -77,26 +90,78 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
 
 /// Runs `rehost import`.
 pub fn run(args: ImportArgs) -> Result<ExitCode> {
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(run_async(args))
+    let runtime = aws_args::runtime()?;
+    let clients = runtime.block_on(args.aws.clients());
+    // Boot settings are checked before anything is uploaded.
+    let boot_request = BootRequest::parse(&args.boot_mode, &args.architecture)?;
+    // Opening reads headers (through S3 with ranged GETs when the source is there): done
+    // outside the runtime's async context, as the S3 reader blocks on the runtime.
+    let (disk, source) = aws_args::open_source(&args.source, &clients, &runtime)?;
+    let Some(ami_name) = args.register_ami.clone() else {
+        let (report, code) = runtime.block_on(import_disk(
+            &clients,
+            &disk,
+            source,
+            &args,
+            args.parent_snapshot.clone(),
+        ))?;
+        print_report(&report, args.output)?;
+        return Ok(code);
+    };
+    let (boot_mode, architecture) = ami::resolve_boot(&disk, boot_request)
+        .with_context(|| format!("reading the boot mode of {}", args.source))?;
+    let (mut report, code) = runtime.block_on(import_disk(
+        &clients,
+        &disk,
+        source,
+        &args,
+        args.parent_snapshot.clone(),
+    ))?;
+    if code != ExitCode::SUCCESS {
+        print_report(&report, args.output)?;
+        return Ok(code);
+    }
+    let mut data = Vec::new();
+    for data_disk in &args.data_disks {
+        let (disk, source) = aws_args::open_source(data_disk, &clients, &runtime)?;
+        // Data disks are full imports: --parent-snapshot names the root disk's parent.
+        let (data_report, code) =
+            runtime.block_on(import_disk(&clients, &disk, source, &args, None))?;
+        if code != ExitCode::SUCCESS {
+            print_report(&data_report, args.output)?;
+            return Ok(code);
+        }
+        data.push(SnapshotVolume {
+            snapshot_id: data_report.snapshot_id,
+            volume_size_gib: u32::try_from(data_report.volume_size_gib).ok(),
+        });
+    }
+    let spec = AmiSpec {
+        name: ami_name.clone(),
+        description: args.description.clone(),
+        root: SnapshotVolume {
+            snapshot_id: report.snapshot_id.clone(),
+            volume_size_gib: u32::try_from(report.volume_size_gib).ok(),
+        },
+        data,
+        boot_mode,
+        architecture,
+        tags: args.tags.clone(),
+    };
+    let ami_id = runtime
+        .block_on(ami::register(&clients, spec))
+        .with_context(|| format!("registering AMI {ami_name}"))?;
+    report.ami_id = Some(ami_id);
+    print_report(&report, args.output)?;
+    Ok(ExitCode::SUCCESS)
 }
 
-async fn run_async(args: ImportArgs) -> Result<ExitCode> {
-    if args.source.starts_with("s3://") {
-        // Wired by the S3 source module: open the object as a `Disk`, then `import_disk`.
-        bail!("{}: s3 sources: not yet", args.source);
+fn print_report(report: &ImportReport, output: OutputMode) -> Result<()> {
+    match output {
+        OutputMode::Json => print_json(report)?,
+        OutputMode::Table => print_table(report),
     }
-    let path = Path::new(&args.source);
-    let disk = Disk::open(&args.source).with_context(|| format!("opening {}", args.source))?;
-    let source = SourceIdentity::local(path)?;
-    let clients = Clients::load(&AwsOptions {
-        region: args.region.clone(),
-        profile: args.profile.clone(),
-        endpoint_url: args.endpoint_url.clone(),
-        static_credentials: None,
-    })
-    .await;
-    import_disk(&clients, &disk, source, &args).await
+    Ok(())
 }
 
 /// Imports an opened disk with the command's options, showing progress and printing the
@@ -106,7 +171,8 @@ pub async fn import_disk(
     disk: &Disk,
     source: SourceIdentity,
     args: &ImportArgs,
-) -> Result<ExitCode> {
+    parent_snapshot: Option<String>,
+) -> Result<(ImportReport, ExitCode)> {
     let location = JournalLocation {
         dir: JournalLocation::default_dir(),
         file: args.journal.clone(),
@@ -116,7 +182,7 @@ pub async fn import_disk(
     options.description = args.description.clone();
     options.tags = args.tags.clone();
     options.concurrency = args.concurrency.max(1);
-    options.parent_snapshot_id = args.parent_snapshot.clone();
+    options.parent_snapshot_id = parent_snapshot;
     options.encryption = if args.encrypted || args.kms_key_id.is_some() {
         Encryption::Encrypted {
             kms_key_arn: args.kms_key_id.clone(),
@@ -148,19 +214,15 @@ pub async fn import_disk(
 
     let report = import(clients, disk, &options).await;
     bar.finish_and_clear();
-    let report = report?;
-    match args.output {
-        OutputMode::Json => print_json(&report)?,
-        OutputMode::Table => print_table(&report),
-    }
+    let report = report.with_context(|| format!("importing {}", options.source.location))?;
     if report.status == ImportStatus::Interrupted {
         eprintln!(
             "interrupted: snapshot {} is pending; run the same command with --resume to finish it",
             report.snapshot_id
         );
-        return Ok(ExitCode::FAILURE);
+        return Ok((report, ExitCode::FAILURE));
     }
-    Ok(ExitCode::SUCCESS)
+    Ok((report, ExitCode::SUCCESS))
 }
 
 fn print_table(r: &ImportReport) {

@@ -6,8 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use rehost_diskimage::Disk;
-use rehost_importer::s3::{S3Fs, S3Url};
 use rehost_importer::verify::{self, DownloadReport, ReadOptions, VerifyReport};
 
 use crate::aws_args::{self, AwsArgs};
@@ -82,18 +80,7 @@ fn verify(snapshot_id: &str, against: &str, common: &Common) -> Result<ExitCode>
     let clients = runtime.block_on(common.aws.clients());
     // Opening reads headers (through S3 with ranged GETs): done here, on a thread outside
     // the runtime, as the S3 reader requires.
-    let disk = if S3Url::is_s3(against) {
-        let url = S3Url::parse(against)?;
-        let fs = S3Fs::new(
-            clients.s3.clone(),
-            url.bucket.clone(),
-            runtime.handle().clone(),
-        );
-        Disk::open_with(&fs, &url.key)
-    } else {
-        Disk::open(against)
-    }
-    .with_context(|| format!("opening {against}"))?;
+    let (disk, _) = aws_args::open_source(against, &clients, &runtime)?;
     let bar = bytes_bar(
         disk.virtual_size(),
         &format!("verifying {snapshot_id}"),

@@ -224,7 +224,9 @@ impl Source {
 }
 
 fn cancelled(path: &str) -> Error {
-    Error::Cancelled { what: format!("staging {path}") }
+    Error::Cancelled {
+        what: format!("staging {path}"),
+    }
 }
 
 async fn put_single(
