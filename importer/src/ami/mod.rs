@@ -6,7 +6,6 @@ mod prune;
 mod register;
 
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
-use rehost_core::ErrorKind;
 
 use crate::bootinfo::{self, DiskBytes};
 use crate::{Error, Result};
@@ -97,38 +96,14 @@ pub fn resolve_boot(
     Ok((boot_mode, architecture))
 }
 
-/// Maps a failed EC2 call to the importer's error, classified so callers know whether
-/// retrying could help. The SDK has already retried throttling and 5xx answers (standard
-/// retry mode) by the time one reaches here.
-pub(crate) fn ec2_error<E, R>(operation: &'static str, err: SdkError<E, R>) -> Error
+/// Maps a failed EC2 call to the importer's error, classified like every other AWS call
+/// (see [`crate::retry::classify`]). The SDK has already retried throttling and 5xx
+/// answers (standard retry mode) by the time one reaches here.
+pub(crate) fn ec2_error<E>(operation: &'static str, err: SdkError<E>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
-    let code = err.code().map(str::to_owned);
-    let message = match err.message() {
-        Some(m) => m.to_owned(),
-        None => aws_sdk_ec2::error::DisplayErrorContext(&err).to_string(),
-    };
-    let kind = match code.as_deref() {
-        Some(c) if c.contains("Throttl") || c == "RequestLimitExceeded" => ErrorKind::Throttled,
-        Some(c) if c.ends_with("NotFound") || c.ends_with(".Malformed") => ErrorKind::NotFound,
-        Some("AuthFailure" | "UnauthorizedOperation" | "Blocked" | "OptInRequired") => {
-            ErrorKind::PermissionDenied
-        }
-        Some(c)
-            if c.starts_with("Invalid") || c.starts_with("Missing") || c == "IncorrectState" =>
-        {
-            ErrorKind::InvalidInput
-        }
-        _ => ErrorKind::Transient,
-    };
-    Error::Aws {
-        operation,
-        code,
-        message,
-        kind,
-    }
+    crate::retry::classify(operation, "", &err)
 }
 
 #[cfg(test)]

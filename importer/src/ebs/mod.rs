@@ -4,6 +4,7 @@
 
 pub mod journal;
 pub mod read;
-pub mod retry;
+/// Retries are shared by every AWS call of the importer; kept here under their old path.
+pub use crate::retry;
 pub mod steps;
 pub mod uploader;

@@ -4,7 +4,6 @@
 //! of a local file ([`stage()`]).
 
 mod read;
-pub(crate) mod retry;
 mod stage;
 mod url;
 

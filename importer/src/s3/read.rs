@@ -18,9 +18,9 @@ use rehost_core::ErrorKind;
 use rehost_diskimage::{FileSystem, ImageFile, ReadAt};
 use tokio::runtime::Handle;
 
-use super::retry::{aws_error, retry};
 use super::url::S3Url;
 use crate::error::{Error, Result};
+use crate::retry::{classify as aws_error, retry};
 
 /// Bytes fetched per GET at least. A 512-byte header read or a 64 KiB grain would each
 /// cost a request (~20–50 ms) otherwise; 4 MiB is where S3's per-request latency stops
@@ -65,7 +65,7 @@ impl std::fmt::Debug for S3ReadAt {
 impl S3ReadAt {
     /// Opens `url` (HeadObject: its length and ETag). Async; reads block (see the module).
     pub async fn open(client: Client, url: S3Url, runtime: Handle) -> Result<Self> {
-        let head = retry("HeadObject", || async {
+        let head = retry(|| async {
             client
                 .head_object()
                 .bucket(&url.bucket)
@@ -134,7 +134,7 @@ impl S3ReadAt {
     /// GETs `[start, end)` of the pinned version.
     async fn get_range(&self, start: u64, end: u64) -> Result<Bytes> {
         let what = format!("{} bytes {start}-{}", self.url, end - 1);
-        retry("GetObject", || async {
+        retry(|| async {
             let response = self
                 .client
                 .get_object()

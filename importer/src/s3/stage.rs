@@ -17,11 +17,11 @@ use rehost_core::ErrorKind;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::retry::{aws_error, is_retryable, retry};
 use super::url::S3Url;
 use crate::aws::Clients;
 use crate::blocks::base64;
 use crate::error::{Error, Result};
+use crate::retry::{classify as aws_error, is_retryable, retry};
 
 const MIB: u64 = 1 << 20;
 /// S3's smallest part (all but the last).
@@ -237,7 +237,7 @@ async fn put_single(
 ) -> Result<String> {
     let part = source.read_part(1, options.cancel.as_deref()).await?;
     let target = url.to_string();
-    let output = retry("PutObject", || async {
+    let output = retry(|| async {
         client
             .put_object()
             .bucket(&url.bucket)
@@ -262,7 +262,7 @@ async fn put_multipart(
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<(String, u32)> {
     let target = url.to_string();
-    let created = retry("CreateMultipartUpload", || async {
+    let created = retry(|| async {
         client
             .create_multipart_upload()
             .bucket(&url.bucket)
@@ -340,7 +340,7 @@ async fn upload_part(
     part: &Part,
 ) -> Result<CompletedPart> {
     let what = format!("{url} part {}", part.number);
-    let output = retry("UploadPart", || async {
+    let output = retry(|| async {
         client
             .upload_part()
             .bucket(&url.bucket)
@@ -396,7 +396,7 @@ async fn complete(
         .set_parts(Some(parts))
         .build();
     let ambiguous = AtomicBool::new(false);
-    let result = retry("CompleteMultipartUpload", || async {
+    let result = retry(|| async {
         let attempt = client
             .complete_multipart_upload()
             .bucket(&url.bucket)
@@ -442,7 +442,7 @@ async fn complete(
 async fn abort(client: &Client, url: &S3Url, upload_id: &str) -> Result<()> {
     let target = format!("{url} upload {upload_id}");
     for _ in 0..3 {
-        let aborted = retry("AbortMultipartUpload", || async {
+        let aborted = retry(|| async {
             client
                 .abort_multipart_upload()
                 .bucket(&url.bucket)

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::aws::Clients;
 use crate::blocks::{BLOCK_LEN, base64, block_sha256};
 use crate::error::{Error, Result};
-use crate::s3::retry::{aws_error, retry};
+use crate::retry::{classify as aws_error, retry};
 
 /// EBS serves at most 1,000 GetSnapshotBlock requests per second (per account and
 /// region); staying at it rather than above saves the throttling round trips.
@@ -68,7 +68,7 @@ impl<'a> BlockLister<'a> {
 
     async fn fetch(&mut self) -> Result<()> {
         let what = format!("snapshot {}", self.snapshot_id);
-        let page = retry("ListSnapshotBlocks", || async {
+        let page = retry(|| async {
             self.ebs
                 .list_snapshot_blocks()
                 .snapshot_id(self.snapshot_id)
@@ -139,7 +139,7 @@ impl<'a> BlockReader<'a> {
         let what = format!("snapshot {} block {block_index}", self.snapshot_id);
         let index = i32::try_from(block_index)
             .map_err(|_| Error::InvalidInput(format!("{what}: index too large")))?;
-        retry("GetSnapshotBlock", || async {
+        retry(|| async {
             self.limiter.acquire().await;
             let output = self
                 .ebs

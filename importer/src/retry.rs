@@ -1,4 +1,4 @@
-//! Retries of AWS calls: which failures are worth another attempt (throttling, 5xx,
+//! Retries of AWS calls, for every service the importer uses: which failures are worth another attempt (throttling, 5xx,
 //! timeouts, dropped connections, and for block reads/writes the "snapshot does not exist"
 //! EBS answers for a short while after StartSnapshot), with exponential backoff and full
 //! jitter; everything else (access denied, validation and checksum rejections) fails at once.
@@ -130,6 +130,21 @@ where
     }
 }
 
+/// [`with_retry`] with the default policy, for calls where "not found" is final (S3
+/// reads and uploads, snapshot reads for verification).
+pub async fn retry<T, F, Fut>(call: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    with_retry(&RetryPolicy::default(), NotFound::Fail, call).await
+}
+
+/// Whether an error of this kind may go away by itself.
+pub fn is_retryable(kind: ErrorKind) -> bool {
+    matches!(kind, ErrorKind::Throttled | ErrorKind::Transient)
+}
+
 /// Classifies an SDK error of `operation`; `context` (snapshot id, block index) is put in
 /// front of the message so the user sees which call failed.
 pub fn classify<E>(operation: &'static str, context: &str, err: &SdkError<E>) -> Error
@@ -212,9 +227,12 @@ pub fn kind_of(code: Option<&str>, status: Option<u16>) -> ErrorKind {
         | "ExpiredTokenException"
         | "InvalidAccessKeyId"
         | "MissingAuthenticationToken" => ErrorKind::PermissionDenied,
-        "ResourceNotFoundException" | "InvalidSnapshot.NotFound" | "NoSuchKey" | "NoSuchBucket" => {
+        "ResourceNotFoundException" | "NoSuchKey" | "NoSuchBucket" | "NotFound" => {
             ErrorKind::NotFound
         }
+        // EC2 names missing things `<Kind>.NotFound` (InvalidSnapshot.NotFound, InvalidAMIID.NotFound).
+        c if c.ends_with(".NotFound") => ErrorKind::NotFound,
+        "Blocked" | "OptInRequired" => ErrorKind::PermissionDenied,
         // Same client token, different request: a bug or a reused journal, never transient
         // (EBS answers it with a 503, hence before the status rules).
         "ConflictException" | "IdempotentParameterMismatch" => ErrorKind::InvalidInput,
@@ -299,6 +317,33 @@ mod tests {
             kind_of(Some("ResourceNotFoundException"), Some(404)),
             ErrorKind::NotFound
         );
+        // EC2 and S3 spellings, as the AMI and staging code meet them.
+        assert_eq!(
+            kind_of(Some("InvalidSnapshot.NotFound"), Some(400)),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            kind_of(Some("InvalidAMIID.NotFound"), Some(400)),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            kind_of(Some("RequestLimitExceeded"), Some(503)),
+            ErrorKind::Throttled
+        );
+        assert_eq!(
+            kind_of(Some("NoSuchBucket"), Some(404)),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            kind_of(Some("UnauthorizedOperation"), Some(403)),
+            ErrorKind::PermissionDenied
+        );
+        assert_eq!(
+            kind_of(Some("InvalidParameterValue"), Some(400)),
+            ErrorKind::InvalidInput
+        );
+        assert!(is_retryable(kind_of(Some("InternalError"), Some(500))));
+        assert!(!is_retryable(kind_of(Some("AccessDenied"), Some(403))));
     }
 
     #[test]
