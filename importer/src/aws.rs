@@ -3,6 +3,10 @@
 
 use aws_config::{BehaviorVersion, Region};
 
+// Callers build requests with the SDKs' types (ByteStream, enums) without depending on
+// the SDK crates themselves, so they always get the versions the importer was built with.
+pub use {aws_sdk_ebs, aws_sdk_ec2, aws_sdk_s3};
+
 /// Where and as whom to talk to AWS.
 #[derive(Debug, Clone, Default)]
 pub struct AwsOptions {

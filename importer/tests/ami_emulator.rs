@@ -8,8 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use aws_sdk_ebs::primitives::ByteStream;
-use aws_sdk_ebs::types::{ChecksumAggregationMethod, ChecksumAlgorithm};
 use aws_sdk_ec2::types::{ArchitectureValues, BootModeValues, Image, VolumeType};
 use common::Moto;
 use rehost_diskimage::Disk;
@@ -18,7 +16,7 @@ use rehost_importer::ami::{
     self, AmiSpec, Architecture, BootMode, BootRequest, ROOT_DEVICE_NAME, SnapshotVolume, TagFilter,
 };
 use rehost_importer::aws::Clients;
-use rehost_importer::blocks::{BLOCK_LEN, LinearChecksum, base64, block_sha256};
+use rehost_importer::blocks::BLOCK_LEN;
 use rehost_importer::bootinfo::{self, PartitionTable};
 
 /// Builds a boot image with the repository's script (`uefi`, `uefi-arm64` or `bios`).
@@ -35,63 +33,10 @@ fn boot_image(dir: &Path, mode: &str) -> PathBuf {
     out
 }
 
-/// A completed 1 GiB snapshot holding `first_block` at index 0, made with raw EBS calls.
+/// A completed 1 GiB snapshot holding `first_block` at index 0.
 async fn snapshot(clients: &Clients, first_block: &[u8]) -> String {
-    let mut block = first_block[..first_block.len().min(BLOCK_LEN)].to_vec();
-    block.resize(BLOCK_LEN, 0);
-    let started = clients
-        .ebs
-        .start_snapshot()
-        .volume_size(1)
-        .timeout(60)
-        .send()
-        .await
-        .unwrap();
-    let id = started.snapshot_id.unwrap();
-    let digest = block_sha256(&block);
-    clients
-        .ebs
-        .put_snapshot_block()
-        .snapshot_id(&id)
-        .block_index(0)
-        .block_data(ByteStream::from(block))
-        .data_length(i32::try_from(BLOCK_LEN).unwrap())
-        .checksum(base64(&digest))
-        .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
-        .send()
-        .await
-        .unwrap();
-    let mut linear = LinearChecksum::default();
-    linear.add(0, &digest).unwrap();
-    clients
-        .ebs
-        .complete_snapshot()
-        .snapshot_id(&id)
-        .changed_blocks_count(1)
-        .checksum(linear.finish())
-        .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
-        .checksum_aggregation_method(ChecksumAggregationMethod::ChecksumAggregationLinear)
-        .send()
-        .await
-        .unwrap();
-    for _ in 0..100 {
-        let out = clients
-            .ec2
-            .describe_snapshots()
-            .snapshot_ids(&id)
-            .send()
-            .await
-            .unwrap();
-        if out
-            .snapshots()
-            .iter()
-            .any(|s| s.state().map(|s| s.as_str()) == Some("completed"))
-        {
-            return id;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("snapshot {id} never completed");
+    let block = &first_block[..first_block.len().min(BLOCK_LEN)];
+    common::put_snapshot(clients, block).await
 }
 
 async fn describe(clients: &Clients, image_id: &str) -> Image {

@@ -79,13 +79,7 @@ async fn put(clients: &Clients, bucket: &str, key: &str, bytes: Vec<u8>) {
 async fn images_staged_to_s3_read_back_with_the_local_checksum() {
     let moto = Moto::start();
     let clients = moto.clients().await;
-    clients
-        .s3
-        .create_bucket()
-        .bucket("images")
-        .send()
-        .await
-        .unwrap();
+    common::create_bucket(&clients, "images").await;
     let dir = tempfile::tempdir().unwrap();
     let raw = raw_image(dir.path());
     let expected = local_sha256(&raw);
@@ -120,13 +114,7 @@ async fn images_staged_to_s3_read_back_with_the_local_checksum() {
 async fn a_split_vmdk_finds_its_extents_next_to_its_descriptor() {
     let moto = Moto::start();
     let clients = moto.clients().await;
-    clients
-        .s3
-        .create_bucket()
-        .bucket("images")
-        .send()
-        .await
-        .unwrap();
+    common::create_bucket(&clients, "images").await;
     let dir = tempfile::tempdir().unwrap();
     let raw = std::fs::read(raw_image(dir.path())).unwrap();
     // Three flat extents (the third read from an offset of its file) and a sparse one,
@@ -180,13 +168,7 @@ async fn a_split_vmdk_finds_its_extents_next_to_its_descriptor() {
 async fn an_object_replaced_while_read_is_an_error() {
     let moto = Moto::start();
     let clients = moto.clients().await;
-    clients
-        .s3
-        .create_bucket()
-        .bucket("images")
-        .send()
-        .await
-        .unwrap();
+    common::create_bucket(&clients, "images").await;
     put(&clients, "images", "d.raw", vec![1u8; 9 * MIB]).await;
     let url = S3Url::parse("s3://images/d.raw").unwrap();
     let reader = Arc::new(
@@ -221,13 +203,7 @@ async fn an_object_replaced_while_read_is_an_error() {
 async fn a_missing_key_is_a_clear_open_error() {
     let moto = Moto::start();
     let clients = moto.clients().await;
-    clients
-        .s3
-        .create_bucket()
-        .bucket("images")
-        .send()
-        .await
-        .unwrap();
+    common::create_bucket(&clients, "images").await;
     let fs = S3Fs::new(
         clients.s3.clone(),
         "images",

@@ -12,64 +12,14 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use aws_sdk_ebs::primitives::ByteStream;
-use aws_sdk_ebs::types::{ChecksumAggregationMethod, ChecksumAlgorithm};
 use common::{Faults, Moto};
 use rehost_diskimage::Disk;
 use rehost_diskimage::write::{self, OutputFormat};
-use rehost_importer::aws::Clients;
-use rehost_importer::blocks::{BLOCK_LEN, LinearChecksum, base64, block_sha256};
+use rehost_importer::blocks::BLOCK_LEN;
 use rehost_importer::s3::{S3Fs, S3Url, StageOptions, stage};
 use rehost_importer::verify::{self, BlockDifference, DifferenceKind, ReadOptions};
 
 const MIB: usize = 1 << 20;
-
-/// Writes `image` (raw bytes) to a new 1 GiB snapshot: every block that is not all zero.
-async fn put_snapshot(clients: &Clients, image: &[u8]) -> String {
-    let started = clients
-        .ebs
-        .start_snapshot()
-        .volume_size(1)
-        .timeout(60)
-        .send()
-        .await
-        .unwrap();
-    let snapshot_id = started.snapshot_id().unwrap().to_owned();
-    let mut linear = LinearChecksum::default();
-    for (index, chunk) in image.chunks(BLOCK_LEN).enumerate() {
-        let mut block = chunk.to_vec();
-        block.resize(BLOCK_LEN, 0);
-        if block.iter().all(|&b| b == 0) {
-            continue;
-        }
-        let digest = block_sha256(&block);
-        linear.add(index as u64, &digest).unwrap();
-        clients
-            .ebs
-            .put_snapshot_block()
-            .snapshot_id(&snapshot_id)
-            .block_index(index as i32)
-            .data_length(BLOCK_LEN as i32)
-            .checksum(base64(&digest))
-            .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
-            .block_data(ByteStream::from(block))
-            .send()
-            .await
-            .unwrap();
-    }
-    clients
-        .ebs
-        .complete_snapshot()
-        .snapshot_id(&snapshot_id)
-        .changed_blocks_count(linear.blocks() as i32)
-        .checksum(linear.finish())
-        .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
-        .checksum_aggregation_method(ChecksumAggregationMethod::ChecksumAggregationLinear)
-        .send()
-        .await
-        .unwrap();
-    snapshot_id
-}
 
 /// 5 MiB: blocks 0–3 data, 4–5 zero, 6 data, 7 partly data, 8–9 zero.
 fn image_bytes() -> Vec<u8> {
@@ -104,7 +54,7 @@ async fn verify_finds_identical_then_names_the_changed_blocks() {
     let clients = moto.clients().await;
     let dir = tempfile::tempdir().unwrap();
     let bytes = image_bytes();
-    let snapshot_id = put_snapshot(&clients, &bytes).await;
+    let snapshot_id = common::put_snapshot(&clients, &bytes).await;
 
     let image = vhdx(dir.path(), "same.vhdx", &bytes);
     let report = verify::verify(&clients, &snapshot_id, &open(&image), |_| {})
@@ -159,20 +109,14 @@ async fn verify_finds_identical_then_names_the_changed_blocks() {
 async fn verify_reads_an_image_from_s3_and_follows_list_pages() {
     let moto = Moto::start();
     let clients = moto.clients().await;
-    clients
-        .s3
-        .create_bucket()
-        .bucket("images")
-        .send()
-        .await
-        .unwrap();
+    common::create_bucket(&clients, "images").await;
     let dir = tempfile::tempdir().unwrap();
     // 101 blocks with a little data each: more than one page of 100.
     let mut bytes = vec![0u8; 101 * BLOCK_LEN];
     for block in 0..101 {
         bytes[block * BLOCK_LEN + block] = block as u8 + 1;
     }
-    let snapshot_id = put_snapshot(&clients, &bytes).await;
+    let snapshot_id = common::put_snapshot(&clients, &bytes).await;
     let image = vhdx(dir.path(), "many.vhdx", &bytes);
     let url = S3Url::parse("s3://images/many.vhdx").unwrap();
     stage(&clients, &image, &url, &StageOptions::default(), &|_| {})
@@ -227,7 +171,7 @@ async fn verify_and_download_ride_out_ebs_faults() {
     let dir = tempfile::tempdir().unwrap();
     let bytes = image_bytes();
     // Written with faults off (the helper does not retry), read back with them on.
-    let snapshot_id = put_snapshot(&clients, &bytes).await;
+    let snapshot_id = common::put_snapshot(&clients, &bytes).await;
     inject_faults(&moto, 0.05, 11, "ebs");
     let image = vhdx(dir.path(), "same.vhdx", &bytes);
     let report = verify::verify(&clients, &snapshot_id, &open(&image), |_| {})
@@ -258,7 +202,7 @@ async fn download_writes_the_volume_as_a_sparse_raw_file() {
     let clients = moto.clients().await;
     let dir = tempfile::tempdir().unwrap();
     let bytes = image_bytes();
-    let snapshot_id = put_snapshot(&clients, &bytes).await;
+    let snapshot_id = common::put_snapshot(&clients, &bytes).await;
     let out = dir.path().join("snap.raw");
     std::fs::write(&out, b"old contents").unwrap();
     let report = verify::download(
@@ -306,16 +250,10 @@ async fn a_missing_snapshot_is_a_clear_error() {
 async fn an_image_replaced_in_s3_during_verify_fails_it() {
     let moto = Moto::start();
     let clients = moto.clients().await;
-    clients
-        .s3
-        .create_bucket()
-        .bucket("images")
-        .send()
-        .await
-        .unwrap();
+    common::create_bucket(&clients, "images").await;
     let dir = tempfile::tempdir().unwrap();
     let bytes = image_bytes();
-    let snapshot_id = put_snapshot(&clients, &bytes).await;
+    let snapshot_id = common::put_snapshot(&clients, &bytes).await;
     let image = vhdx(dir.path(), "d.vhdx", &bytes);
     assert!(
         std::fs::metadata(&image).unwrap().len() > 4 << 20,

@@ -7,7 +7,10 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
+use rehost_importer::aws::aws_sdk_ebs::primitives::ByteStream;
+use rehost_importer::aws::aws_sdk_ebs::types::{ChecksumAggregationMethod, ChecksumAlgorithm};
 use rehost_importer::aws::{AwsOptions, Clients};
+use rehost_importer::blocks::{BLOCK_LEN, LinearChecksum, base64, block_sha256};
 
 /// A running emulator.
 #[derive(Debug)]
@@ -121,4 +124,81 @@ impl Drop for Moto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Writes `image` (raw bytes) into a new 1 GiB snapshot with raw EBS calls, every block
+/// that is not all zero, and waits until EC2 reports it completed: a snapshot made
+/// independently of the importer's own upload code.
+pub async fn put_snapshot(clients: &Clients, image: &[u8]) -> String {
+    let started = clients
+        .ebs
+        .start_snapshot()
+        .volume_size(1)
+        .timeout(60)
+        .send()
+        .await
+        .unwrap();
+    let snapshot_id = started.snapshot_id().unwrap().to_owned();
+    let mut linear = LinearChecksum::default();
+    for (index, chunk) in image.chunks(BLOCK_LEN).enumerate() {
+        let mut block = chunk.to_vec();
+        block.resize(BLOCK_LEN, 0);
+        if block.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let digest = block_sha256(&block);
+        linear.add(index as u64, &digest).unwrap();
+        clients
+            .ebs
+            .put_snapshot_block()
+            .snapshot_id(&snapshot_id)
+            .block_index(i32::try_from(index).unwrap())
+            .data_length(i32::try_from(BLOCK_LEN).unwrap())
+            .checksum(base64(&digest))
+            .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+            .block_data(ByteStream::from(block))
+            .send()
+            .await
+            .unwrap();
+    }
+    clients
+        .ebs
+        .complete_snapshot()
+        .snapshot_id(&snapshot_id)
+        .changed_blocks_count(i32::try_from(linear.blocks()).unwrap())
+        .checksum(linear.finish())
+        .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+        .checksum_aggregation_method(ChecksumAggregationMethod::ChecksumAggregationLinear)
+        .send()
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        let out = clients
+            .ec2
+            .describe_snapshots()
+            .snapshot_ids(&snapshot_id)
+            .send()
+            .await
+            .unwrap();
+        if out
+            .snapshots()
+            .iter()
+            .any(|s| s.state().map(|s| s.as_str()) == Some("completed"))
+        {
+            return snapshot_id;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("snapshot {snapshot_id} never completed");
+}
+
+/// Creates an S3 bucket on the emulator.
+pub async fn create_bucket(clients: &Clients, bucket: &str) {
+    clients
+        .s3
+        .create_bucket()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
 }
