@@ -7,6 +7,12 @@
 
 use std::fmt;
 
+mod source;
+pub use source::{
+    ChangeToken, DiskInfo, DiskRead, ExtentStream, Firmware, PowerState, SnapshotOptions,
+    SnapshotRef, Source, SourceError, VmInfo,
+};
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
