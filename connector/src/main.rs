@@ -4,12 +4,16 @@
 
 mod amis_cmd;
 mod aws_args;
+#[allow(dead_code)] // used by the source commands as they land
+mod config;
 mod disk_cmd;
 mod import_cmd;
 mod output;
 mod progress;
 mod snapshot_cmd;
 mod stage_cmd;
+#[allow(dead_code)]
+mod store;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,356 @@
+//! The configuration file every connector command shares (TOML).
+//!
+//! Found via `--config FILE`, then `REHOST_CONFIG`, then `./rehost.toml`. Secrets are
+//! never in the file itself: a source names an environment variable or a file holding
+//! its password, and a `password = "…"` key is refused with a message saying so.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// The environment variable naming the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "REHOST_CONFIG";
+/// The config file looked for in the working directory when neither is given.
+pub const DEFAULT_FILE: &str = "rehost.toml";
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+    /// Where the file was read from (relative paths in it are resolved against its folder).
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+/// `[store]`: the embedded SQLite database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Database file, created on first use; relative to the config file's folder.
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: default_store_path(),
+        }
+    }
+}
+
+fn default_store_path() -> PathBuf {
+    PathBuf::from("rehost.db")
+}
+
+/// The kinds of source rehost reads VMs from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Vsphere,
+}
+
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceKind::Vsphere => f.write_str("vsphere"),
+        }
+    }
+}
+
+/// `[[sources]]`: one hypervisor manager.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// The name commands use (`--source vc1`).
+    pub name: String,
+    pub kind: SourceKind,
+    /// vSphere: `https://vcenter.example.com/sdk`.
+    pub url: String,
+    pub username: String,
+    /// Environment variable holding the password.
+    pub password_env: Option<String>,
+    /// File holding the password (trailing newline ignored); relative to the config file.
+    pub password_file: Option<PathBuf>,
+    /// Refused with an explanation: the password must not sit in the config file.
+    #[serde(default)]
+    password: Option<toml::Value>,
+    /// PEM file of the CA that signed the server's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 of the server's certificate (hex, colons optional), as `govc about.cert` prints it.
+    pub thumbprint: Option<String>,
+    /// Skip certificate verification entirely (never in production).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+impl fmt::Debug for SourceConfig {
+    // Written by hand so a password that slipped into the file is never printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password_env", &self.password_env)
+            .field("password_file", &self.password_file)
+            .field("ca_file", &self.ca_file)
+            .field("thumbprint", &self.thumbprint)
+            .field("insecure", &self.insecure)
+            .finish()
+    }
+}
+
+/// How a source's TLS certificate is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsCheck {
+    /// The system's trusted roots.
+    System,
+    CaFile(PathBuf),
+    Thumbprint(String),
+    Insecure,
+}
+
+impl Config {
+    /// Finds and loads the config: `explicit`, else `$REHOST_CONFIG`, else `./rehost.toml`.
+    pub fn locate(explicit: Option<&Path>) -> Result<Config> {
+        let (path, how) = match explicit {
+            Some(path) => (path.to_path_buf(), "--config"),
+            None => match std::env::var_os(CONFIG_ENV) {
+                Some(path) => (PathBuf::from(path), CONFIG_ENV),
+                None => (PathBuf::from(DEFAULT_FILE), "the default location"),
+            },
+        };
+        if !path.exists() {
+            bail!(
+                "no config file at {} (from {how}); pass --config FILE, set {CONFIG_ENV}, or create ./{DEFAULT_FILE} (see the README's config reference)",
+                path.display()
+            );
+        }
+        Self::load(&path)
+    }
+
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        let mut config =
+            Self::parse(&text).with_context(|| format!("in config file {}", path.display()))?;
+        config.file = path.to_path_buf();
+        Ok(config)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config> {
+        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, source) in self.sources.iter().enumerate() {
+            let at = format!("sources[{i}] ({:?})", source.name);
+            if source.name.trim().is_empty() {
+                bail!("sources[{i}]: `name` is empty");
+            }
+            if !seen.insert(source.name.as_str()) {
+                bail!("{at}: a second source with the same name");
+            }
+            if source.password.is_some() {
+                bail!(
+                    "{at}: `password` must not be written in the config file; put it in an environment variable named by `password_env`, or a file named by `password_file`"
+                );
+            }
+            match (&source.password_env, &source.password_file) {
+                (None, None) => bail!("{at}: set `password_env` or `password_file`"),
+                (Some(_), Some(_)) => {
+                    bail!("{at}: set only one of `password_env` and `password_file`")
+                }
+                _ => {}
+            }
+            if !(source.url.starts_with("https://") || source.url.starts_with("http://")) {
+                bail!("{at}: `url` must be an https:// URL, got {:?}", source.url);
+            }
+            let tls_choices = usize::from(source.ca_file.is_some())
+                + usize::from(source.thumbprint.is_some())
+                + usize::from(source.insecure);
+            if tls_choices > 1 {
+                bail!("{at}: set at most one of `ca_file`, `thumbprint` and `insecure = true`");
+            }
+            if let Some(thumbprint) = &source.thumbprint {
+                let hex: String = thumbprint.chars().filter(|c| *c != ':').collect();
+                if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                    bail!(
+                        "{at}: `thumbprint` must be a SHA-256 (64 hex digits, colons optional), got {thumbprint:?}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The source named `name`.
+    pub fn source(&self, name: &str) -> Result<&SourceConfig> {
+        self.sources
+            .iter()
+            .find(|s| s.name == name)
+            .with_context(|| {
+                let names: Vec<_> = self.sources.iter().map(|s| s.name.as_str()).collect();
+                format!(
+                    "no source named {name:?} in {} (sources: {})",
+                    self.file.display(),
+                    if names.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        names.join(", ")
+                    }
+                )
+            })
+    }
+
+    /// A path from the file, resolved against the file's folder.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        match self.file.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_path_buf(),
+        }
+    }
+
+    /// The store's database path.
+    pub fn store_path(&self) -> PathBuf {
+        self.resolve(&self.store.path)
+    }
+}
+
+impl SourceConfig {
+    /// Reads the password from where the config points. The error names the variable or
+    /// file, never the value.
+    pub fn password(&self, config: &Config) -> Result<String> {
+        if let Some(var) = &self.password_env {
+            return std::env::var(var).with_context(|| {
+                format!(
+                    "source {:?}: environment variable {var} (its password_env) is not set",
+                    self.name
+                )
+            });
+        }
+        if let Some(file) = &self.password_file {
+            let path = config.resolve(file);
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "source {:?}: reading its password_file {}",
+                    self.name,
+                    path.display()
+                )
+            })?;
+            return Ok(text.trim_end_matches(['\r', '\n']).to_owned());
+        }
+        bail!("source {:?}: no password_env or password_file", self.name)
+    }
+
+    /// How its certificate is checked.
+    pub fn tls(&self, config: &Config) -> TlsCheck {
+        if self.insecure {
+            TlsCheck::Insecure
+        } else if let Some(ca) = &self.ca_file {
+            TlsCheck::CaFile(config.resolve(ca))
+        } else if let Some(thumbprint) = &self.thumbprint {
+            TlsCheck::Thumbprint(thumbprint.clone())
+        } else {
+            TlsCheck::System
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [store]
+        path = "state/rehost.db"
+        [[sources]]
+        name = "vc1"
+        kind = "vsphere"
+        url = "https://127.0.0.1:8989/sdk"
+        username = "user"
+        password_env = "REHOST_TEST_VC1_PASSWORD"
+        thumbprint = "AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89"
+    "#;
+
+    #[test]
+    fn a_good_config_parses() {
+        let mut config = Config::parse(GOOD).unwrap();
+        config.file = PathBuf::from("/etc/rehost/rehost.toml");
+        assert_eq!(
+            config.store_path(),
+            PathBuf::from("/etc/rehost/state/rehost.db")
+        );
+        let vc1 = config.source("vc1").unwrap();
+        assert_eq!(vc1.kind, SourceKind::Vsphere);
+        assert!(matches!(vc1.tls(&config), TlsCheck::Thumbprint(_)));
+    }
+
+    #[test]
+    fn a_password_in_the_file_is_refused() {
+        let text = GOOD.replace(
+            "password_env = \"REHOST_TEST_VC1_PASSWORD\"",
+            "password = \"hunter2\"",
+        );
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("must not be written in the config file"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        for (from, to, expected) in [
+            ("kind = \"vsphere\"", "kind = \"xen\"", "unknown variant"),
+            ("username", "user_name", "unknown field"),
+            ("thumbprint = \"AB", "thumbprint = \"ZZ", "64 hex digits"),
+            (
+                "password_env = \"REHOST_TEST_VC1_PASSWORD\"",
+                "",
+                "set `password_env` or `password_file`",
+            ),
+            (
+                "thumbprint",
+                "insecure = true\nthumbprint",
+                "at most one of",
+            ),
+            ("https://127", "ftp://127", "https:// URL"),
+        ] {
+            let err = format!("{:#}", Config::parse(&GOOD.replace(from, to)).unwrap_err());
+            assert!(err.contains(expected), "{from} -> {to}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_source_lists_the_known_ones() {
+        let config = Config::parse(GOOD).unwrap();
+        let err = config.source("vc2").unwrap_err().to_string();
+        assert!(err.contains("vc1"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_password_variable_is_named_without_a_value() {
+        let config = Config::parse(GOOD).unwrap();
+        let err = config
+            .source("vc1")
+            .unwrap()
+            .password(&config)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("REHOST_TEST_VC1_PASSWORD"), "{err}");
+    }
+}
