@@ -34,6 +34,10 @@ pub enum DiskCommand {
     Checksum {
         /// The image.
         file: PathBuf,
+        /// Print the block-list SHA-256 instead (the SHA-256 of the SHA-256s of every
+        /// 512 KiB block, as export manifests record a disk's content).
+        #[arg(long)]
+        blocks: bool,
         #[command(flatten)]
         common: Common,
         #[command(flatten)]
@@ -95,9 +99,10 @@ pub fn run(command: DiskCommand) -> Result<ExitCode> {
         DiskCommand::Map { file, common } => map(&file, common.output),
         DiskCommand::Checksum {
             file,
+            blocks,
             common,
             threads,
-        } => checksum(&file, common.output, threads.get()),
+        } => checksum(&file, blocks, common.output, threads.get()),
         DiskCommand::Convert {
             input,
             out,
@@ -267,23 +272,44 @@ fn map(path: &Path, output: OutputMode) -> Result<ExitCode> {
 
 #[derive(Debug, Serialize)]
 struct ChecksumReport {
-    sha256: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    block_list_sha256: Option<String>,
     virtual_size_bytes: u64,
 }
 
-fn checksum(path: &Path, output: OutputMode, threads: usize) -> Result<ExitCode> {
+fn checksum(path: &Path, blocks: bool, output: OutputMode, threads: usize) -> Result<ExitCode> {
+    use rehost_diskimage::checksum;
     let disk = open(path)?;
     let bar = bytes_bar(disk.virtual_size(), "checksum", output == OutputMode::Json);
-    let digest =
-        rehost_diskimage::checksum::sha256(&disk, threads, &mut |done| bar.set_position(done))?;
+    let mut progress = |done| bar.set_position(done);
+    let (sha256, block_list_sha256) = if blocks {
+        let digests = checksum::block_digests(&disk, threads, &mut progress)?;
+        (
+            None,
+            Some(hex::encode(checksum::block_list_digest(&digests))),
+        )
+    } else {
+        let digest = checksum::sha256(&disk, threads, &mut progress)?;
+        (Some(hex::encode(digest)), None)
+    };
     bar.finish_and_clear();
     let report = ChecksumReport {
-        sha256: hex::encode(digest),
+        sha256,
+        block_list_sha256,
         virtual_size_bytes: disk.virtual_size(),
     };
     match output {
         OutputMode::Json => print_json(&report)?,
-        OutputMode::Table => println!("{}", report.sha256),
+        OutputMode::Table => println!(
+            "{}",
+            report
+                .sha256
+                .as_deref()
+                .or(report.block_list_sha256.as_deref())
+                .unwrap_or_default()
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }
