@@ -47,6 +47,15 @@ enum Command {
     Snapshot(snapshot_cmd::SnapshotCommand),
     /// Import a disk image into a verified EBS snapshot (incrementally onto a parent).
     Import(Box<import_cmd::ImportArgs>),
+    /// Check the config file and every source in it.
+    #[command(subcommand)]
+    Config(servers_cmd::ConfigCommand),
+    /// The server catalog: VMs read from the sources.
+    #[command(subcommand)]
+    Servers(servers_cmd::ServersCommand),
+    /// Export a VM's disks through a snapshot (changed blocks only with --base) to a
+    /// folder or S3; --cleanup removes snapshots a crashed export left.
+    Export(Box<export::ExportArgs>),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +67,9 @@ fn main() -> ExitCode {
         Command::Stage(args) => stage_cmd::run(args),
         Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
         Command::Import(args) => import_cmd::run(*args),
+        Command::Config(cmd) => servers_cmd::run_config(cmd),
+        Command::Servers(cmd) => servers_cmd::run(cmd),
+        Command::Export(args) => export::run(*args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,205 @@
+//! One disk of an export: the source's extent stream, pumped on the async side, written on
+//! a blocking thread into a streamOptimized VMDK (a delta of the parent's image for an
+//! incremental) while the block digests, and for a full export the whole-disk SHA-256,
+//! are computed from the same bytes. Memory stays bounded by the channel and the writer's
+//! grain table: nothing is staged.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use rehost_core::{ChangeToken, DiskRead, Extent, SourceError};
+use rehost_diskimage::checksum::BlockDigests;
+use rehost_diskimage::{ExtentSink, ImageId, ParentLink};
+use sha2::{Digest, Sha256};
+
+use super::manifest::DiskEntry;
+use super::target::{Target, TargetWriter, Written};
+use crate::progress::bytes_bar;
+
+/// The previous export of the disk, for an incremental.
+#[derive(Debug, Clone)]
+pub struct Parent {
+    pub entry: DiskEntry,
+    /// Where the parent's image is.
+    pub location: String,
+    pub digests: Vec<[u8; 32]>,
+}
+
+/// What to write.
+#[derive(Debug)]
+pub struct DiskJob {
+    pub target: Target,
+    pub image: String,
+    pub label: String,
+    pub parent: Option<Parent>,
+    pub quiet: bool,
+    pub handle: tokio::runtime::Handle,
+}
+
+/// What was written.
+#[derive(Debug)]
+pub struct DiskWritten {
+    pub capacity_bytes: u64,
+    pub token: ChangeToken,
+    pub data_bytes: u64,
+    pub image: Written,
+    pub cid: u32,
+    pub digests: Vec<[u8; 32]>,
+    pub disk_sha256: Option<String>,
+}
+
+/// Extents in flight between the reader and the writer: with 4 MiB reads, 32 MiB.
+const CHANNEL_DEPTH: usize = 8;
+
+/// Writes the disk `read` describes.
+pub async fn write<E: SourceError>(job: DiskJob, read: DiskRead<E>) -> Result<DiskWritten> {
+    let capacity = read.capacity_bytes;
+    let token = read.token.clone();
+    let bar = bytes_bar(read.data_bytes, &job.label, job.quiet);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Extent>(CHANNEL_DEPTH);
+    let worker_bar = bar.clone();
+    let worker = tokio::task::spawn_blocking(move || write_blocking(job, capacity, rx, &worker_bar));
+
+    let mut extents = read.extents;
+    let mut source_error = None;
+    while let Some(item) = extents.next().await {
+        match item {
+            Ok(extent) => {
+                if tx.send(extent).await.is_err() {
+                    break; // the writer failed: its error says why
+                }
+            }
+            Err(err) => {
+                source_error = Some(err);
+                break;
+            }
+        }
+    }
+    // Closing the channel early makes the writer fail ("stopped short") and discard the
+    // partial image or abort the upload.
+    drop(tx);
+    let outcome = worker.await.context("the image writer thread failed")?;
+    bar.finish_and_clear();
+    if let Some(err) = source_error {
+        return Err(anyhow::Error::new(err).context("reading the disk from the source"));
+    }
+    let mut written = outcome?;
+    written.token = token;
+    Ok(written)
+}
+
+fn write_blocking(
+    job: DiskJob,
+    capacity: u64,
+    mut rx: tokio::sync::mpsc::Receiver<Extent>,
+    bar: &indicatif::ProgressBar,
+) -> Result<DiskWritten> {
+    // A streamOptimized image is at most the disk plus its grain tables and markers.
+    let size_hint = capacity + capacity / 64 + (1 << 20);
+    let out = SharedOut::new(job.target.create(&job.image, size_hint, &job.handle)?);
+    let link = job.parent.as_ref().map(|p| ParentLink {
+        relative_path: p.entry.image.clone(),
+        absolute_path: p.location.clone(),
+        id: ImageId::VmdkCid(p.entry.image_cid),
+        virtual_size_bytes: capacity,
+    });
+    let location = job.target.location(&job.image);
+    let mut writer = rehost_diskimage::vmdk::StreamOptimizedWriter::with_parent(
+        out.clone(),
+        capacity,
+        link,
+        location.clone(),
+    )?;
+    let mut digests = BlockDigests::new(capacity, job.parent.map(|p| p.digests))?;
+    let mut disk_hash = job.parent_is_none_hasher();
+    let zeros = vec![0u8; 1 << 20];
+    let mut data_bytes = 0u64;
+    while let Some(extent) = rx.blocking_recv() {
+        digests.put(&extent)?;
+        match &extent {
+            Extent::Data { data, .. } => {
+                data_bytes += data.len() as u64;
+                bar.inc(data.len() as u64);
+                if let Some(hash) = &mut disk_hash {
+                    hash.update(data);
+                }
+            }
+            Extent::Zero { len, .. } | Extent::Unchanged { len, .. } => {
+                if let Some(hash) = &mut disk_hash {
+                    let mut left = *len;
+                    while left > 0 {
+                        let n = left.min(zeros.len() as u64);
+                        hash.update(&zeros[..usize::try_from(n).unwrap_or(0)]);
+                        left -= n;
+                    }
+                }
+            }
+        }
+        writer.put(extent)?;
+    }
+    Box::new(writer).finish()?;
+    let digests = digests.finish()?;
+    let image = out.take()?.finish()?;
+    let cid = match job.target.image_id(&job.image, &job.handle)? {
+        ImageId::VmdkCid(cid) => cid,
+        other => bail!("{location}: expected a VMDK content id, read {other:?}"),
+    };
+    Ok(DiskWritten {
+        capacity_bytes: capacity,
+        token: ChangeToken(String::new()),
+        data_bytes,
+        image,
+        cid,
+        digests,
+        disk_sha256: disk_hash.map(|h| hex::encode(h.finalize())),
+    })
+}
+
+impl DiskJob {
+    fn parent_is_none_hasher(&self) -> Option<Sha256> {
+        self.parent.is_none().then(Sha256::new)
+    }
+}
+
+/// The target writer, shared between the image writer (which owns a `Write`) and us
+/// (who finish the upload after the image writer has written its last byte).
+#[derive(Clone)]
+struct SharedOut(Arc<Mutex<Option<Box<dyn TargetWriter>>>>);
+
+impl SharedOut {
+    fn new(out: Box<dyn TargetWriter>) -> Self {
+        SharedOut(Arc::new(Mutex::new(Some(out))))
+    }
+
+    fn take(&self) -> Result<Box<dyn TargetWriter>> {
+        self.0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the image writer panicked"))?
+            .take()
+            .context("the output was already finished")
+    }
+}
+
+impl Write for SharedOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.0.lock() {
+            Ok(mut guard) => match guard.as_mut() {
+                Some(out) => out.write(buf),
+                None => Err(std::io::Error::other("the output was already finished")),
+            },
+            Err(_) => Err(std::io::Error::other("the image writer panicked")),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self.0.lock() {
+            Ok(mut guard) => match guard.as_mut() {
+                Some(out) => out.flush(),
+                None => Ok(()),
+            },
+            Err(_) => Err(std::io::Error::other("the image writer panicked")),
+        }
+    }
+}

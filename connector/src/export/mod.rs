@@ -1,0 +1,663 @@
+//! `rehost export`: a VM's disks, read through a snapshot (changed areas only with
+//! `--base`), written as streamOptimized VMDKs (deltas for incrementals) with a manifest,
+//! to a folder or an S3 prefix; and `rehost export --cleanup`, which removes snapshots
+//! rehost left behind after a crash.
+//!
+//! The snapshot is recorded in the store's ledger *before* it is asked for, and removed on
+//! every path out of the export: success, error, Ctrl-C or SIGTERM. `--cleanup` finds the
+//! rest (a `kill -9`): the ledger's open entries and, on the VMs, snapshots carrying
+//! rehost's name prefix *and* description marker, never anyone else's.
+
+mod disk;
+pub mod manifest;
+pub mod target;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use rehost_core::{ChangeToken, SnapshotOptions, SnapshotRef, Source, VmInfo};
+use rehost_importer::aws::Clients;
+use rehost_vsphere::{Client, VsphereSource};
+use serde::Serialize;
+
+use crate::aws_args::{AwsArgs, runtime};
+use crate::config::Config;
+use crate::output::{OutputMode, print_json};
+use crate::store::Store;
+use manifest::{DiskEntry, ExportKind, Manifest, SourceEntry, VmEntry};
+use target::Target;
+
+/// Every snapshot rehost takes starts with this; `--cleanup` also requires the marker below.
+pub const SNAPSHOT_PREFIX: &str = "rehost-export-";
+/// The start of the description of every snapshot rehost takes.
+pub const SNAPSHOT_MARKER: &str = "Created by rehost";
+
+/// `rehost export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The source, as named in the config.
+    #[arg(long)]
+    source: String,
+    /// The VM: its name, inventory path or instance UUID.
+    #[arg(long, required_unless_present = "cleanup")]
+    vm: Option<String>,
+    /// Where to write: a folder, or s3://bucket/prefix.
+    #[arg(long, value_name = "DIR|S3_URL", required_unless_present = "cleanup")]
+    to: Option<String>,
+    /// An earlier export's manifest: export only what changed since, as delta images whose
+    /// parents are that export's images (keep the chain in one folder).
+    #[arg(long, value_name = "MANIFEST")]
+    base: Option<String>,
+    /// Ask VMware Tools to quiesce the guest's file systems for the snapshot.
+    #[arg(long)]
+    quiesce: bool,
+    /// How to read the disks: through a snapshot and CBT (any power state), or with
+    /// ExportVm (powered-off VMs only, full exports only).
+    #[arg(long, value_enum, default_value_t = Via::Snapshot)]
+    via: Via,
+    /// Instead of exporting: remove the snapshots rehost left on the source's VMs (all
+    /// VMs, or just --vm).
+    #[arg(long, conflicts_with_all = ["to", "base", "quiesce"])]
+    cleanup: bool,
+    /// Disk reads in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// The config file (else $REHOST_CONFIG, else ./rehost.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    aws: AwsArgs,
+    /// Output for people (table) or scripts (json).
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputMode,
+}
+
+/// How disks are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Via {
+    Snapshot,
+    ExportVm,
+}
+
+/// What `rehost export` prints.
+#[derive(Debug, Serialize)]
+pub struct ExportReport {
+    pub manifest: String,
+    pub kind: ExportKind,
+    pub vm: String,
+    pub disks: Vec<DiskReport>,
+    pub snapshot_removed: bool,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DiskReport {
+    pub key: String,
+    pub image: String,
+    pub capacity_bytes: u64,
+    pub data_bytes: u64,
+    pub image_bytes: u64,
+    pub content_sha256: String,
+}
+
+/// Runs `rehost export`.
+pub fn run(args: ExportArgs) -> Result<ExitCode> {
+    let rt = runtime()?;
+    let handle = rt.handle().clone();
+    rt.block_on(async move {
+        let config = Config::locate(args.config.as_deref())?;
+        let source_config = config.source(&args.source)?.clone();
+        let store = Store::open(&config.store_path())?;
+        let client = crate::sources::connect_vsphere(&config, &source_config).await?;
+        let result = if args.cleanup {
+            cleanup(&store, &client, &args.source, args.vm.as_deref(), args.output).await
+        } else {
+            let needs_s3 = args.to.as_deref().is_some_and(is_s3)
+                || args.base.as_deref().is_some_and(is_s3);
+            let clients = if needs_s3 {
+                Some(args.aws.clients().await)
+            } else {
+                None
+            };
+            export(&args, &config, &store, &client, clients, handle).await
+        };
+        // Log out whatever happened: sessions are a limited resource on vCenter.
+        if let Err(err) = client.logout().await {
+            tracing::debug!(error = %err, "logout failed");
+        }
+        result
+    })
+}
+
+fn is_s3(text: &str) -> bool {
+    rehost_importer::s3::S3Url::is_s3(text)
+}
+
+async fn export(
+    args: &ExportArgs,
+    config: &Config,
+    store: &Store,
+    client: &Client,
+    clients: Option<Clients>,
+    handle: tokio::runtime::Handle,
+) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let (Some(vm_name), Some(to)) = (args.vm.as_deref(), args.to.as_deref()) else {
+        bail!("--vm and --to are needed to export");
+    };
+    let source_config = config.source(&args.source)?;
+    let vm = client.find_vm(vm_name).await?;
+    let base = match &args.base {
+        Some(location) => Some(Base::load(location, clients.as_ref(), &vm).await?),
+        None => None,
+    };
+    preflight(client, &vm, args, base.as_ref()).await?;
+
+    let target = Target::parse(to, clients.clone())?;
+    target.prepare()?;
+    if let Some(base) = &base
+        && target::folder_of(&target.location("x")) != target::folder_of(&base.location)
+    {
+        tracing::warn!(
+            base = %base.location,
+            "the delta images name their parents by file name: keep them in the base's folder for qemu-img to follow the chain"
+        );
+    }
+
+    let export_id = new_export_id();
+    let snapshot_name = format!("{SNAPSHOT_PREFIX}{export_id}");
+    let source = VsphereSource::new(client.clone()).with_read_concurrency(args.concurrency);
+    let ledger = store.snapshot_intended(
+        &args.source,
+        &vm.id.0,
+        &vm.source_ref,
+        &snapshot_name,
+        "export",
+    )?;
+    let options = SnapshotOptions {
+        name: snapshot_name.clone(),
+        description: format!(
+            "{SNAPSHOT_MARKER} export {export_id}; removed when the export ends. If no rehost export is running, `rehost export --cleanup` removes it."
+        ),
+        quiesce: args.quiesce,
+    };
+    if args.output == OutputMode::Table {
+        eprintln!("Taking snapshot {snapshot_name} of {}…", vm.name);
+    }
+    let created = with_shutdown(source.snapshot(&vm.id, &options))
+        .await
+        .and_then(|r| r.map_err(|e| anyhow::Error::new(e).context(format!("snapshotting {}", vm.name))));
+    let snapshot = match created {
+        Ok(snapshot) => snapshot,
+        Err(err) => {
+            // The task may have created it before failing or being interrupted.
+            remove_by_name(store, client, ledger, &vm, &snapshot_name).await;
+            return Err(err);
+        }
+    };
+    store.snapshot_created(ledger, &snapshot.snapshot_ref)?;
+
+    let job = ExportJob {
+        args,
+        source_config: SourceEntry {
+            name: source_config.name.clone(),
+            kind: source_config.kind.to_string(),
+            url: source_config.url.clone(),
+        },
+        vm: &vm,
+        base: base.as_ref(),
+        target: &target,
+        export_id: &export_id,
+        snapshot_name: &snapshot_name,
+        handle,
+    };
+    let outcome = with_shutdown(job.run(&source, &snapshot)).await;
+    let outcome = match outcome {
+        Ok(result) => result,
+        Err(cancelled) => Err(cancelled),
+    };
+    let removed = release(store, &source, ledger, &snapshot).await;
+    let (manifest_location, manifest) = outcome?;
+    removed?;
+
+    let report = ExportReport {
+        manifest: manifest_location,
+        kind: manifest.kind,
+        vm: vm.name.clone(),
+        disks: manifest
+            .disks
+            .iter()
+            .map(|d| DiskReport {
+                key: d.key.clone(),
+                image: target.location(&d.image),
+                capacity_bytes: d.capacity_bytes,
+                data_bytes: d.data_bytes,
+                image_bytes: d.image_bytes,
+                content_sha256: d.content_sha256.clone(),
+            })
+            .collect(),
+        snapshot_removed: true,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    match args.output {
+        OutputMode::Json => print_json(&report)?,
+        OutputMode::Table => {
+            println!("{} export of {} written: {}", kind_name(report.kind), report.vm, report.manifest);
+            for d in &report.disks {
+                println!(
+                    "  disk {}: {} ({} of {} bytes read, image {} bytes)",
+                    d.key, d.image, d.data_bytes, d.capacity_bytes, d.image_bytes
+                );
+            }
+            println!("  snapshot {snapshot_name} removed; {:.1} s", report.seconds);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn kind_name(kind: ExportKind) -> &'static str {
+    match kind {
+        ExportKind::Full => "Full",
+        ExportKind::Incremental => "Incremental",
+    }
+}
+
+/// Checks the VM can be exported as asked, and turns CBT on when it is off.
+async fn preflight(client: &Client, vm: &VmInfo, args: &ExportArgs, base: Option<&Base>) -> Result<()> {
+    let unsupported = vm.unsupported_reasons();
+    if !unsupported.is_empty() {
+        bail!(
+            "{} cannot be exported: {} (snapshots do not cover such disks; detach them or make them dependent)",
+            vm.name,
+            unsupported.join("; ")
+        );
+    }
+    if vm.disks.is_empty() {
+        bail!("{} has no virtual disk to export", vm.name);
+    }
+    let running = client.running_tasks(&vm.source_ref).await?;
+    if let Some(task) = running.first() {
+        bail!(
+            "{} has a task in progress ({}); try again when it has finished",
+            vm.name,
+            task
+        );
+    }
+    if args.via == Via::ExportVm {
+        if base.is_some() {
+            bail!("--via export-vm makes full exports only; drop --base, or use --via snapshot");
+        }
+        if vm.power_state != rehost_core::PowerState::PoweredOff {
+            bail!(
+                "{} is {:?}: ExportVm needs a powered-off VM (vCenter refuses it otherwise); use --via snapshot",
+                vm.name,
+                vm.power_state
+            );
+        }
+    }
+    if !vm.change_tracking && args.via == Via::Snapshot {
+        if base.is_some() {
+            bail!(
+                "changed-block tracking is off on {}, so the changes since the base cannot be known; run a full export (without --base)",
+                vm.name
+            );
+        }
+        client
+            .enable_change_tracking(&vm.source_ref)
+            .await
+            .with_context(|| format!("enabling changed-block tracking on {}", vm.name))?;
+        eprintln!(
+            "note: changed-block tracking was off on {}; rehost turned it on. vSphere starts tracking at the VM's next stun (the snapshot this export takes is one), so the next export can be incremental.",
+            vm.name
+        );
+    }
+    Ok(())
+}
+
+/// The export a `--base` manifest describes.
+struct Base {
+    location: String,
+    manifest: Manifest,
+    clients: Option<Clients>,
+}
+
+impl Base {
+    async fn load(location: &str, clients: Option<&Clients>, vm: &VmInfo) -> Result<Base> {
+        let bytes = target::read_small(location, clients).await?;
+        let manifest = Manifest::parse(&bytes, location)?;
+        if manifest.vm.id != vm.id.0 {
+            bail!(
+                "--base {location} is an export of VM {} ({}), not of {} ({})",
+                manifest.vm.name,
+                manifest.vm.id,
+                vm.name,
+                vm.id
+            );
+        }
+        Ok(Base {
+            location: location.to_owned(),
+            manifest,
+            clients: clients.cloned(),
+        })
+    }
+
+    async fn block_list(&self, entry: &DiskEntry) -> Result<Vec<[u8; 32]>> {
+        let location = target::sibling(&self.location, &entry.block_list);
+        let bytes = target::read_small(&location, self.clients.as_ref()).await?;
+        manifest::decode_block_list(&bytes, &entry.content_sha256, &location)
+    }
+}
+
+struct ExportJob<'a> {
+    args: &'a ExportArgs,
+    source_config: SourceEntry,
+    vm: &'a VmInfo,
+    base: Option<&'a Base>,
+    target: &'a Target,
+    export_id: &'a str,
+    snapshot_name: &'a str,
+    handle: tokio::runtime::Handle,
+}
+
+impl ExportJob<'_> {
+    async fn run(&self, source: &VsphereSource, snapshot: &SnapshotRef) -> Result<(String, Manifest)> {
+        let stem = format!("{}-{}", file_safe(&self.vm.name), self.export_id);
+        let mut disks = Vec::new();
+        for disk in &self.vm.disks {
+            let base_entry = match self.base {
+                Some(base) => Some(base.manifest.disk(&disk.id.0).with_context(|| {
+                    format!(
+                        "disk {} ({}) is not in the base export {}: it was added since; run a full export",
+                        disk.id, disk.label, base.location
+                    )
+                })?),
+                None => None,
+            };
+            let since = base_entry.map(|e| ChangeToken(e.change_id.clone()));
+            let read = source
+                .read_disk(snapshot, &disk.id, since.as_ref())
+                .await
+                .with_context(|| format!("reading disk {} ({}) of {}", disk.id, disk.label, self.vm.name))?;
+            let parent = match (self.base, base_entry) {
+                (Some(base), Some(entry)) => {
+                    if entry.capacity_bytes != read.capacity_bytes {
+                        bail!(
+                            "disk {} was {} bytes in the base export and is {} now: a resized disk needs a full export",
+                            disk.id,
+                            entry.capacity_bytes,
+                            read.capacity_bytes
+                        );
+                    }
+                    Some(disk::Parent {
+                        entry: entry.clone(),
+                        location: target::sibling(&base.location, &entry.image),
+                        digests: base.block_list(entry).await?,
+                    })
+                }
+                _ => None,
+            };
+            let image = format!("{stem}-disk{}.vmdk", disk.id);
+            let written = disk::write(
+                disk::DiskJob {
+                    target: self.target.clone(),
+                    image: image.clone(),
+                    label: format!("disk {}", disk.id),
+                    parent,
+                    quiet: self.args.output == OutputMode::Json,
+                    handle: self.handle.clone(),
+                },
+                read,
+            )
+            .await
+            .with_context(|| format!("exporting disk {} ({}) of {}", disk.id, disk.label, self.vm.name))?;
+            let block_list = format!("{stem}-disk{}.blocks", disk.id);
+            let list = self
+                .target
+                .put(&block_list, manifest::encode_block_list(&written.digests))
+                .await?;
+            disks.push(DiskEntry {
+                key: disk.id.0.clone(),
+                label: disk.label.clone(),
+                capacity_bytes: written.capacity_bytes,
+                change_id: written.token.0.clone(),
+                since_change_id: since.map(|t| t.0),
+                image,
+                image_format: "vmdk-stream".to_owned(),
+                image_bytes: written.image.bytes,
+                image_sha256: written.image.sha256,
+                image_cid: written.cid,
+                parent_image: base_entry.map(|e| e.image.clone()),
+                data_bytes: written.data_bytes,
+                block_list,
+                content_sha256: list.sha256,
+                disk_sha256: written.disk_sha256,
+            });
+        }
+        let manifest = Manifest {
+            format: manifest::FORMAT.to_owned(),
+            export_id: self.export_id.to_owned(),
+            created_at: now_rfc3339(),
+            source: self.source_config.clone(),
+            vm: VmEntry {
+                id: self.vm.id.0.clone(),
+                name: self.vm.name.clone(),
+                path: self.vm.path.clone(),
+                firmware: self.vm.firmware,
+                guest_os: self.vm.guest_os.clone(),
+                cpus: self.vm.cpus,
+                memory_mib: self.vm.memory_mib,
+            },
+            snapshot_name: self.snapshot_name.to_owned(),
+            kind: if self.base.is_some() {
+                ExportKind::Incremental
+            } else {
+                ExportKind::Full
+            },
+            parent_manifest: self
+                .base
+                .map(|b| b.location.rsplit('/').next().unwrap_or(&b.location).to_owned()),
+            disks,
+        };
+        let name = format!("{stem}.manifest.json");
+        self.target
+            .put(&name, serde_json::to_vec_pretty(&manifest)?)
+            .await?;
+        Ok((self.target.location(&name), manifest))
+    }
+}
+
+/// Removes the export's snapshot and closes its ledger entry; on failure the entry stays
+/// open for `--cleanup`.
+async fn release(store: &Store, source: &VsphereSource, ledger: i64, snapshot: &SnapshotRef) -> Result<()> {
+    match source.release(snapshot).await {
+        Ok(()) => {
+            store.snapshot_removed(ledger)?;
+            Ok(())
+        }
+        Err(err) => {
+            let text = format!("{err:#}");
+            store.snapshot_removal_failed(ledger, &text)?;
+            Err(anyhow::Error::new(err).context(format!(
+                "removing snapshot {} failed; run `rehost export --cleanup` to retry",
+                snapshot.name
+            )))
+        }
+    }
+}
+
+/// After a failed or interrupted CreateSnapshot: removes a snapshot of that name if the
+/// task made one.
+async fn remove_by_name(store: &Store, client: &Client, ledger: i64, vm: &VmInfo, name: &str) {
+    match client.list_snapshots(&vm.source_ref).await {
+        Ok(snapshots) => {
+            let mut all_gone = true;
+            for snap in snapshots.iter().filter(|s| s.name == name) {
+                if let Err(err) = client.remove_snapshot(&snap.snapshot_ref).await {
+                    all_gone = false;
+                    let _ = store.snapshot_removal_failed(ledger, &err.to_string());
+                }
+            }
+            if all_gone {
+                let _ = store.snapshot_removed(ledger);
+            }
+        }
+        Err(err) => {
+            let _ = store.snapshot_removal_failed(ledger, &err.to_string());
+        }
+    }
+}
+
+/// Runs `work` unless Ctrl-C or SIGTERM arrives first.
+async fn with_shutdown<T>(work: impl std::future::Future<Output = T>) -> Result<T> {
+    tokio::select! {
+        out = work => Ok(out),
+        signal = shutdown_signal() => Err(anyhow::anyhow!("interrupted by {signal}; the snapshot is being removed")),
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "Ctrl-C",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "Ctrl-C"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct CleanupReport {
+    removed: Vec<String>,
+    failed: Vec<String>,
+}
+
+/// `rehost export --cleanup`.
+async fn cleanup(
+    store: &Store,
+    client: &Client,
+    source: &str,
+    vm_filter: Option<&str>,
+    output: OutputMode,
+) -> Result<ExitCode> {
+    let vms = match vm_filter {
+        Some(name) => vec![client.find_vm(name).await?],
+        None => client.list_vms().await?,
+    };
+    let mut report = CleanupReport {
+        removed: Vec::new(),
+        failed: Vec::new(),
+    };
+    for vm in &vms {
+        let snapshots = client
+            .list_snapshots(&vm.source_ref)
+            .await
+            .with_context(|| format!("listing the snapshots of {}", vm.name))?;
+        for snap in snapshots {
+            let ours = snap.name.starts_with(SNAPSHOT_PREFIX)
+                && snap.description.starts_with(SNAPSHOT_MARKER);
+            if !ours {
+                continue;
+            }
+            let label = format!("{} on {}", snap.name, vm.name);
+            match client.remove_snapshot(&snap.snapshot_ref).await {
+                Ok(()) => {
+                    if let Some(id) = store.snapshot_by_name(&snap.name)? {
+                        store.snapshot_removed(id)?;
+                    }
+                    report.removed.push(label);
+                }
+                Err(err) => report.failed.push(format!("{label}: {err}")),
+            }
+        }
+    }
+    // Ledger entries whose snapshot is no longer on its VM (removed by hand, or never
+    // created) are closed; those on VMs outside the filter are left alone.
+    for entry in store.open_snapshots(source)? {
+        let Some(vm) = vms.iter().find(|v| v.id.0 == entry.vm_id) else {
+            continue;
+        };
+        let present = client
+            .list_snapshots(&vm.source_ref)
+            .await?
+            .iter()
+            .any(|s| s.name == entry.name);
+        if !present {
+            store.snapshot_removed(entry.id)?;
+        }
+    }
+    match output {
+        OutputMode::Json => print_json(&report)?,
+        OutputMode::Table => {
+            for r in &report.removed {
+                println!("removed {r}");
+            }
+            for f in &report.failed {
+                println!("FAILED {f}");
+            }
+            if report.removed.is_empty() && report.failed.is_empty() {
+                println!("no rehost snapshot left on {} VM(s)", vms.len());
+            }
+        }
+    }
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `20261125T160102Z-1a2b3c`: sortable, unique enough for one VM's exports.
+fn new_export_id() -> String {
+    let now = SystemTime::now();
+    let stamp = now_rfc3339().replace(['-', ':'], "");
+    let nanos = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{stamp}-{:06x}", (nanos ^ std::process::id()) & 0xff_ffff)
+}
+
+/// The current time as `2026-11-25T16:01:02Z`.
+pub fn now_rfc3339() -> String {
+    use aws_smithy_types::date_time::{DateTime, Format};
+    let now = DateTime::from(SystemTime::now());
+    let secs = DateTime::from_secs(now.secs());
+    secs.fmt(Format::DateTime).unwrap_or_else(|_| now.secs().to_string())
+}
+
+/// A VM name made safe for a file name.
+fn file_safe(name: &str) -> String {
+    let safe: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect();
+    safe.chars().take(64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_ids_sort_by_time_and_names_are_file_safe() {
+        let id = new_export_id();
+        assert!(id.starts_with("20"), "{id}");
+        assert!(!id.contains(':'));
+        assert_eq!(file_safe("web 01/prod"), "web_01_prod");
+    }
+}

@@ -1,0 +1,237 @@
+//! `rehost servers import-catalog|list` and `rehost config check`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use crate::aws_args::runtime;
+use crate::config::Config;
+use crate::output::{OutputMode, print_json};
+use crate::store::Store;
+
+/// The config file and output options every source command takes.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// The config file (else $REHOST_CONFIG, else ./rehost.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Output for people (table) or scripts (json).
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputMode,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServersCommand {
+    /// Read every VM of a source into the store's catalog (replacing that source's entries).
+    ImportCatalog {
+        /// The source, as named in the config.
+        #[arg(long)]
+        source: String,
+        #[command(flatten)]
+        common: ConfigArgs,
+    },
+    /// List the catalog.
+    List {
+        /// Only this source's VMs.
+        #[arg(long)]
+        source: Option<String>,
+        #[command(flatten)]
+        common: ConfigArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the config and try every source: reachable, logged in, version, and the
+    /// privileges replication needs that the account lacks.
+    Check {
+        #[command(flatten)]
+        common: ConfigArgs,
+    },
+}
+
+/// The vSphere privileges replication needs (the SMS connector role, plus CBT and disk reads).
+pub const VSPHERE_PRIVILEGES: &[&str] = &[
+    "Datastore.Browse",
+    "Datastore.FileManagement",
+    "VirtualMachine.State.CreateSnapshot",
+    "VirtualMachine.State.RemoveSnapshot",
+    "VirtualMachine.Config.ChangeTracking",
+    "VirtualMachine.Provisioning.DiskRandomRead",
+    "VApp.Export",
+];
+
+pub fn run(cmd: ServersCommand) -> Result<ExitCode> {
+    match cmd {
+        ServersCommand::ImportCatalog { source, common } => import_catalog(&source, &common),
+        ServersCommand::List { source, common } => list(source.as_deref(), &common),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ImportReport {
+    source: String,
+    servers: usize,
+    unsupported: usize,
+}
+
+fn import_catalog(source_name: &str, common: &ConfigArgs) -> Result<ExitCode> {
+    let config = Config::locate(common.config.as_deref())?;
+    let source = config.source(source_name)?.clone();
+    let mut store = Store::open(&config.store_path())?;
+    let vms = runtime()?.block_on(async {
+        let client = crate::sources::connect_vsphere(&config, &source).await?;
+        let vms = client.list_vms().await;
+        let _ = client.logout().await;
+        anyhow::Ok(vms?)
+    })?;
+    store.replace_catalog(&source.name, &source.kind.to_string(), &source.url, &vms)?;
+    let report = ImportReport {
+        source: source.name.clone(),
+        servers: vms.len(),
+        unsupported: vms.iter().filter(|v| !v.unsupported_reasons().is_empty()).count(),
+    };
+    match common.output {
+        OutputMode::Json => print_json(&report)?,
+        OutputMode::Table => println!(
+            "imported {} server(s) from {} ({} with unsupported disks)",
+            report.servers, report.source, report.unsupported
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list(source: Option<&str>, common: &ConfigArgs) -> Result<ExitCode> {
+    let config = Config::locate(common.config.as_deref())?;
+    if let Some(name) = source {
+        config.source(name)?;
+    }
+    let store = Store::open(&config.store_path())?;
+    let servers = store.servers(source)?;
+    match common.output {
+        OutputMode::Json => print_json(&servers)?,
+        OutputMode::Table => {
+            println!(
+                "{:<8} {:<24} {:<38} {:<12} {:>4} {:>8} {:<5} {:>5} {:>10}  NOTE",
+                "SOURCE", "NAME", "ID", "POWER", "CPU", "MEM_MIB", "FW", "DISKS", "GIB"
+            );
+            for s in &servers {
+                let gib: u64 = s.info.disks.iter().map(|d| d.capacity_bytes).sum::<u64>() >> 30;
+                println!(
+                    "{:<8} {:<24} {:<38} {:<12} {:>4} {:>8} {:<5} {:>5} {:>10}  {}",
+                    s.source,
+                    s.info.name,
+                    s.info.id,
+                    format!("{:?}", s.info.power_state),
+                    s.info.cpus,
+                    s.info.memory_mib,
+                    format!("{:?}", s.info.firmware).to_lowercase(),
+                    s.info.disks.len(),
+                    gib,
+                    s.unsupported.join("; ")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Serialize)]
+struct SourceCheck {
+    source: String,
+    url: String,
+    reachable: bool,
+    authenticated: bool,
+    version: Option<String>,
+    missing_privileges: Vec<String>,
+    error: Option<String>,
+}
+
+pub fn run_config(cmd: ConfigCommand) -> Result<ExitCode> {
+    let ConfigCommand::Check { common } = cmd;
+    let config = Config::locate(common.config.as_deref())?;
+    let store_path = config.store_path();
+    Store::open(&store_path)?;
+    let checks = runtime()?.block_on(async {
+        let mut checks = Vec::new();
+        for source in &config.sources {
+            checks.push(check_source(&config, source).await);
+        }
+        checks
+    });
+    let ok = checks
+        .iter()
+        .all(|c| c.authenticated && c.missing_privileges.is_empty() && c.error.is_none());
+    match common.output {
+        OutputMode::Json => print_json(&serde_json::json!({
+            "config": config.file.display().to_string(),
+            "store": store_path.display().to_string(),
+            "sources": checks,
+            "ok": ok,
+        }))?,
+        OutputMode::Table => {
+            println!("config {}: valid; store {}", config.file.display(), store_path.display());
+            for c in &checks {
+                let status = if c.error.is_none() && c.missing_privileges.is_empty() {
+                    "ok"
+                } else {
+                    "PROBLEM"
+                };
+                println!(
+                    "source {} ({}): {status}; reachable: {}, authenticated: {}, version: {}",
+                    c.source,
+                    c.url,
+                    yes(c.reachable),
+                    yes(c.authenticated),
+                    c.version.as_deref().unwrap_or("-")
+                );
+                if !c.missing_privileges.is_empty() {
+                    println!("  missing privileges: {}", c.missing_privileges.join(", "));
+                }
+                if let Some(err) = &c.error {
+                    println!("  error: {err}");
+                }
+            }
+        }
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+async fn check_source(config: &Config, source: &crate::config::SourceConfig) -> SourceCheck {
+    let mut check = SourceCheck {
+        source: source.name.clone(),
+        url: source.url.clone(),
+        reachable: false,
+        authenticated: false,
+        version: None,
+        missing_privileges: Vec::new(),
+        error: None,
+    };
+    match crate::sources::connect_vsphere(config, source).await {
+        Ok(client) => {
+            check.reachable = true;
+            check.authenticated = true;
+            let about = client.about();
+            check.version = Some(format!("{} ({})", about.full_name, about.api_version));
+            match client.missing_privileges(VSPHERE_PRIVILEGES).await {
+                Ok(missing) => check.missing_privileges = missing,
+                Err(err) => check.error = Some(format!("checking privileges: {err}")),
+            }
+            let _ = client.logout().await;
+        }
+        Err(err) => {
+            // A server that answered with a login fault was reached.
+            let vsphere = err.chain().find_map(|e| e.downcast_ref::<rehost_vsphere::Error>());
+            check.reachable = vsphere.is_some_and(|e| e.kind() == rehost_core::ErrorKind::PermissionDenied);
+            check.error = Some(format!("{err:#}"));
+        }
+    }
+    check
+}
