@@ -60,6 +60,7 @@ pub enum PowerState {
 }
 
 /// A running rehost-vcsim; killed and its directory removed on Drop.
+#[derive(Debug)]
 pub struct Vcsim {
     pub url: String,
     pub base_url: String,
@@ -206,7 +207,12 @@ impl Vcsim {
         http_request(&self.control_addr, method, path_and_query, body)
     }
 
-    fn control_ok(&self, method: &str, path_and_query: &str, body: &[u8]) -> Result<Vec<u8>, String> {
+    fn control_ok(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: &[u8],
+    ) -> Result<Vec<u8>, String> {
         let (status, out) = self.control(method, path_and_query, body)?;
         if status != 200 && status != 206 {
             return Err(format!(
@@ -243,12 +249,19 @@ impl Vcsim {
 
     pub fn disk_load(&self, vm: &str, key: i32, path: &Path) -> Result<(), String> {
         let p = path.to_str().ok_or("path is not UTF-8")?;
-        let q = format!("/_rehost/disk/load?vm={}&key={key}&path={}", enc(vm), enc(p));
+        let q = format!(
+            "/_rehost/disk/load?vm={}&key={key}&path={}",
+            enc(vm),
+            enc(p)
+        );
         self.control_ok("POST", &q, b"").map(|_| ())
     }
 
     pub fn disk_write(&self, vm: &str, key: i32, offset: u64, data: &[u8]) -> Result<(), String> {
-        let q = format!("/_rehost/disk/write?vm={}&key={key}&offset={offset}", enc(vm));
+        let q = format!(
+            "/_rehost/disk/write?vm={}&key={key}&offset={offset}",
+            enc(vm)
+        );
         self.control_ok("POST", &q, data).map(|_| ())
     }
 
@@ -279,19 +292,29 @@ impl Vcsim {
     }
 
     pub fn set_lease_timeout(&self, secs: f64) -> Result<(), String> {
-        self.control_ok("POST", &format!("/_rehost/lease/timeout?seconds={secs}"), b"")
-            .map(|_| ())
+        self.control_ok(
+            "POST",
+            &format!("/_rehost/lease/timeout?seconds={secs}"),
+            b"",
+        )
+        .map(|_| ())
     }
 
     /// The next `count` GETs of `path` (-1: all) abort the connection after `bytes` body bytes.
     pub fn fail_folder_after(&self, path: &str, bytes: u64, count: i32) -> Result<(), String> {
-        let q = format!("/_rehost/fault/folder?path={}&after={bytes}&count={count}", enc(path));
+        let q = format!(
+            "/_rehost/fault/folder?path={}&after={bytes}&count={count}",
+            enc(path)
+        );
         self.control_ok("POST", &q, b"").map(|_| ())
     }
 
     /// The next `count` GETs of `path` (-1: all) answer HTTP `status`.
     pub fn fail_folder_status(&self, path: &str, status: u16, count: i32) -> Result<(), String> {
-        let q = format!("/_rehost/fault/folder?path={}&status={status}&count={count}", enc(path));
+        let q = format!(
+            "/_rehost/fault/folder?path={}&status={status}&count={count}",
+            enc(path)
+        );
         self.control_ok("POST", &q, b"").map(|_| ())
     }
 
@@ -307,7 +330,8 @@ impl Vcsim {
     }
 
     pub fn clear_faults(&self) -> Result<(), String> {
-        self.control_ok("POST", "/_rehost/fault/clear", b"").map(|_| ())
+        self.control_ok("POST", "/_rehost/fault/clear", b"")
+            .map(|_| ())
     }
 
     /// Runs as a user lacking these privileges (an empty list grants everything again).
@@ -357,7 +381,10 @@ fn leading_string(s: &str) -> Result<&str, String> {
     let t = s.trim_start();
     let bytes = t.as_bytes();
     if bytes.first() != Some(&b'"') {
-        return Err(format!("expected a JSON string at {:?}", &t[..t.len().min(20)]));
+        return Err(format!(
+            "expected a JSON string at {:?}",
+            &t[..t.len().min(20)]
+        ));
     }
     let mut i = 1;
     while i < bytes.len() {
@@ -415,7 +442,8 @@ fn http_request(
     path_and_query: &str,
     body: &[u8],
 ) -> Result<(u16, Vec<u8>), String> {
-    let err = |what: &str, e: std::io::Error| format!("{what} {method} {path_and_query} at {addr}: {e}");
+    let err =
+        |what: &str, e: std::io::Error| format!("{what} {method} {path_and_query} at {addr}: {e}");
     let mut stream = TcpStream::connect(addr).map_err(|e| err("connecting for", e))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(120)))
@@ -448,7 +476,11 @@ fn http_request(
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    let body = if chunked { dechunk(payload)? } else { payload.to_vec() };
+    let body = if chunked {
+        dechunk(payload)?
+    } else {
+        payload.to_vec()
+    };
     Ok((status, body))
 }
 
