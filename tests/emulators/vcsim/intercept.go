@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"regexp"
 	"strings"
 
 	"github.com/vmware/govmomi/simulator"
@@ -112,7 +113,11 @@ func (h *interceptor) serveSOAP(w http.ResponseWriter, r *http.Request) {
 	if err := store.reconcile(); err != nil {
 		logf("reconcile before %s: %v", method.Name, err)
 	}
-	h.forward(w, r, method.Name)
+	if method.Name == "RemoveSnapshot_Task" {
+		h.forwardRemoveSnapshot(w, r, method)
+	} else {
+		h.forward(w, r, method.Name)
+	}
 	if err := store.reconcile(); err != nil {
 		logf("reconcile after %s: %v", method.Name, err)
 	}
@@ -156,4 +161,37 @@ func soapMethodName(body []byte) string {
 			inBody = se.Name.Local == "Body"
 		}
 	}
+}
+
+var taskRefPattern = regexp.MustCompile(`<returnval type="Task">([^<]+)</returnval>`)
+
+// forwardRemoveSnapshot forwards RemoveSnapshot_Task and then names the VM as the task's
+// entity, as vCenter does (upstream names the snapshot, which breaks clients that watch
+// the VM's tasks). The task has finished when upstream answers, so the answer is held back
+// until the entity is fixed.
+func (h *interceptor) forwardRemoveSnapshot(w http.ResponseWriter, r *http.Request, m *simulator.Method) {
+	var vmRef types.ManagedObjectReference
+	if snap, ok := simulator.Map.Get(m.This).(*simulator.VirtualMachineSnapshot); ok {
+		vmRef = snap.Vm
+	}
+	rec := httptest.NewRecorder()
+	h.forward(rec, r, m.Name)
+	if match := taskRefPattern.FindSubmatch(rec.Body.Bytes()); match != nil && vmRef.Value != "" {
+		ref := types.ManagedObjectReference{Type: "Task", Value: string(match[1])}
+		if task, ok := simulator.Map.Get(ref).(*simulator.Task); ok {
+			name := ""
+			if vm, ok := simulator.Map.Get(vmRef).(*simulator.VirtualMachine); ok {
+				name = vm.Name
+			}
+			simulator.Map.WithLock(task, func() {
+				task.Info.Entity = &vmRef
+				task.Info.EntityName = name
+			})
+		}
+	}
+	for k, v := range rec.Header() {
+		w.Header()[k] = v
+	}
+	w.WriteHeader(rec.Code)
+	_, _ = w.Write(rec.Body.Bytes())
 }

@@ -161,7 +161,8 @@ ok "a foreign changeId answers FileFault, a missing snapshot ManagedObjectNotFou
 
 # --- removing snapshots consolidates
 r=$(soap "<urn:RemoveSnapshot_Task><urn:_this type=\"VirtualMachineSnapshot\">$s1</urn:_this><urn:removeChildren>false</urn:removeChildren></urn:RemoveSnapshot_Task>")
-task_result "$r" >/dev/null
+info=$(task_result "$r")
+expect "RemoveSnapshot task entity" "$info" "<entity type=\"VirtualMachine\">$vm</entity><entityName>$VM</entityName>"
 r=$(qcda "$s2" "$cid1" 0)
 expect "s2 survives removal of s1" "$r" "<changedArea><start>0</start><length>65536</length></changedArea>"
 r=$(soap "<urn:RemoveSnapshot_Task><urn:_this type=\"VirtualMachineSnapshot\">$s2</urn:_this><urn:removeChildren>false</urn:removeChildren></urn:RemoveSnapshot_Task>")
@@ -173,6 +174,35 @@ expect "VM backing after removal" "$r" "<fileName>[LocalDS_0] $VM/disk1.vmdk</fi
 [[ $(curl -sS "$ctl/_rehost/snapshots?vm=$VM") == "[]" ]] || fail "snapshots left"
 [[ ! -e $ds/$VM/disk1-000001-delta.vmdk ]] || fail "delta file left"
 ok "RemoveSnapshot consolidates the deltas into the base and restores the backing"
+
+# --- CBT turned off, then on again: earlier changeIds stop being valid
+VM2=DC0_H0_VM1
+vm2=$(curl -sS "$ctl/_rehost/vms" | json "[v['moref'] for v in d if v['name']=='$VM2'][0]")
+cbt() { task_result "$(soap "<urn:ReconfigVM_Task><urn:_this type=\"VirtualMachine\">$vm2</urn:_this><urn:spec><urn:changeTrackingEnabled>$1</urn:changeTrackingEnabled></urn:spec></urn:ReconfigVM_Task>")" >/dev/null; }
+qcda2() { soap "<urn:QueryChangedDiskAreas><urn:_this type=\"VirtualMachine\">$vm2</urn:_this><urn:snapshot type=\"VirtualMachineSnapshot\">$1</urn:snapshot><urn:deviceKey>2000</urn:deviceKey><urn:startOffset>0</urn:startOffset><urn:changeId>$2</urn:changeId></urn:QueryChangedDiskAreas>"; }
+cbt true
+printf 'DDDD' | curl -sS -o /dev/null --data-binary @- "$ctl/_rehost/disk/write?vm=$VM2&key=2000&offset=$((5 * MiB))"
+info=$(task_result "$(soap "<urn:CreateSnapshot_Task><urn:_this type=\"VirtualMachine\">$vm2</urn:_this><urn:name>a</urn:name><urn:memory>false</urn:memory><urn:quiesce>false</urn:quiesce></urn:CreateSnapshot_Task>")")
+sa=$(grep -o 'type="VirtualMachineSnapshot">[^<]*' <<<"$info" | head -1 | sed 's/.*>//')
+cida=$(grep -o '<changeId>[^<]*' <<<"$(props VirtualMachineSnapshot "$sa" config.hardware.device)" | head -1 | sed 's/<changeId>//')
+r=$(qcda2 "$sa" "${cida%/*}/0")
+expect "changes since CBT on" "$r" "<changedArea><start>$((5 * MiB))</start><length>65536</length></changedArea>"
+cbt false
+r=$(props VirtualMachine "$vm2" config.hardware.device)
+grep -q '<changeId>' <<<"$r" && fail "changeId still set with CBT off"
+expect "CBT off" "$(qcda2 "$sa" '*')" 'FileFaultFault'
+cbt true
+expect "changeId from before re-enabling" "$(qcda2 "$sa" "$cida")" 'FileFaultFault'
+task_result "$(soap "<urn:RemoveSnapshot_Task><urn:_this type=\"VirtualMachineSnapshot\">$sa</urn:_this><urn:removeChildren>false</urn:removeChildren></urn:RemoveSnapshot_Task>")" >/dev/null
+ok "CBT off answers FileFault; after re-enabling, earlier changeIds answer FileFault"
+
+# --- a PUT through /folder changes the disk's size and capacity
+head -c $((2 * MiB)) /dev/urandom >"$work/put"
+code=$(curl -sS -o /dev/null -w '%{http_code}' --cacert "$work/certs/ca.pem" -b "$jar" -T "$work/put" "$(folder_url $VM2/disk1-flat.vmdk)")
+[[ $code == 200 ]] || fail "PUT answered $code"
+expect "capacity after PUT" "$(props VirtualMachine "$vm2" config.hardware.device)" "<capacityInBytes>$((2 * MiB))</capacityInBytes>"
+cmp -s "$work/put" <(curl -sS "$ctl/_rehost/disk?vm=$VM2") || fail "guest view after PUT"
+ok "PUT /folder of the flat file sets the disk's content and capacityInBytes"
 
 # --- ExportVm
 r=$(soap "<urn:ExportVm><urn:_this type=\"VirtualMachine\">$vm</urn:_this></urn:ExportVm>")
@@ -240,10 +270,17 @@ got=$(stat -c %s "$work/partial")
 ((got <= 100000)) || fail "served $got bytes before the abort"
 code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/certs/ca.pem" -b "$jar" -r 0-9 "$(folder_url $VM/disk1-flat.vmdk)")
 [[ $code == 206 ]] || fail "fault did not clear after one use: $code"
+curl -sS -o /dev/null -X POST "$ctl/_rehost/fault/folder?path=$VM/disk1-flat.vmdk&status=500&count=2"
+for _ in 1 2; do
+  code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/certs/ca.pem" -b "$jar" -r 0-9 "$(folder_url $VM/disk1-flat.vmdk)")
+  [[ $code == 500 ]] || fail "injected status answered $code"
+done
+code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/certs/ca.pem" -b "$jar" -r 0-9 "$(folder_url $VM/disk1-flat.vmdk)")
+[[ $code == 206 ]] || fail "status fault did not clear after two uses: $code"
 curl -sS -o /dev/null -X POST "$ctl/_rehost/fault/soap?method=RemoveSnapshot_Task&fault=SystemError"
 r=$(soap "<urn:RemoveSnapshot_Task><urn:_this type=\"VirtualMachineSnapshot\">snapshot-1</urn:_this><urn:removeChildren>false</urn:removeChildren></urn:RemoveSnapshot_Task>")
 expect "injected SOAP fault" "$r" 'SystemErrorFault'
-ok "fault injection: /folder aborts after N bytes once; a SOAP method fails once"
+ok "fault injection: /folder aborts after N bytes once, answers 500 twice; a SOAP method fails once"
 
 # --- privileges
 curl -sS -o /dev/null -X POST "$ctl/_rehost/privileges?deny=VirtualMachine.State.CreateSnapshot"

@@ -256,9 +256,6 @@ func (d *disk) parentBacking(i int, like *types.VirtualDiskFlatVer2BackingInfo) 
 		Uuid:            like.Uuid,
 		ContentId:       like.ContentId,
 	}
-	if i < len(d.chain) {
-		b.ChangeId = d.chain[i].changeID
-	}
 	b.Parent = d.parentBacking(i-1, like)
 	return b
 }
