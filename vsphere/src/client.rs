@@ -2,6 +2,7 @@
 //! expires, and the PropertyCollector reads every other module builds on.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -21,10 +22,10 @@ const SESSION_COOKIE: &str = "vmware_soap_session";
 /// the version the server reports replaces it right after RetrieveServiceContent.
 const INITIAL_API_VERSION: &str = "6.7";
 
-/// How many objects a PropertyCollector page holds: big enough that a 5,000-VM inventory
-/// takes a few dozen round trips, small enough that one page of VMs with their device
-/// lists stays a few megabytes.
-pub(crate) const PAGE_SIZE: u32 = 200;
+/// How many objects a PropertyCollector page holds by default: big enough that a 5,000-VM
+/// inventory takes a few dozen round trips, small enough that one page of VMs with their
+/// device lists stays a few megabytes.
+pub const DEFAULT_PAGE_SIZE: u32 = 200;
 
 /// A password whose `Debug` does not print it.
 #[derive(Clone, PartialEq, Eq)]
@@ -66,6 +67,8 @@ pub struct ConnectOptions {
     pub tls: Tls,
     /// Timeout of each HTTP request (not of the tasks they start).
     pub timeout: Duration,
+    /// Objects per PropertyCollector page (`maxObjects`), [`DEFAULT_PAGE_SIZE`] unless set.
+    pub page_size: u32,
 }
 
 impl ConnectOptions {
@@ -78,6 +81,7 @@ impl ConnectOptions {
             password,
             tls: Tls::System,
             timeout: Duration::from_secs(300),
+            page_size: DEFAULT_PAGE_SIZE,
         }
     }
 }
@@ -105,8 +109,12 @@ struct Inner {
     password: Password,
     content: ServiceContent,
     soap_action: HeaderValue,
+    page_size: u32,
     /// `vmware_soap_session=…`, replaced on re-login.
     cookie: RwLock<Option<String>>,
+    /// Counts logins: objects a session owns (container views) die with it, and a
+    /// caller holding one can tell from this that it must start over.
+    logins: AtomicU64,
     /// Serialises re-logins so that concurrent calls hitting an expired session log in
     /// once, not once each.
     relogin: tokio::sync::Mutex<()>,
@@ -150,10 +158,12 @@ impl Client {
                 http,
                 soap_action: soap_action(&content.about.api_version)?,
                 url,
+                page_size: options.page_size.max(1),
                 username: options.username,
                 password: options.password,
                 content,
                 cookie: RwLock::new(None),
+                logins: AtomicU64::new(0),
                 relogin: tokio::sync::Mutex::new(()),
             }),
         };
@@ -174,6 +184,11 @@ impl Client {
     /// The SDK URL connected to.
     pub fn url(&self) -> &Url {
         &self.inner.url
+    }
+
+    /// How many times this client logged in; changes when the session was renewed.
+    pub(crate) fn session_generation(&self) -> u64 {
+        self.inner.logins.load(Ordering::SeqCst)
     }
 
     pub(crate) fn http(&self) -> &reqwest::Client {
@@ -213,6 +228,7 @@ impl Client {
         if let Ok(mut slot) = self.inner.cookie.write() {
             *slot = Some(cookie);
         }
+        self.inner.logins.fetch_add(1, Ordering::SeqCst);
         info!(url = %self.inner.url, user = %self.inner.username, "logged in to vSphere");
         Ok(())
     }
@@ -280,7 +296,8 @@ impl Client {
         let pc = &self.inner.content.property_collector;
         let mut req = Request::new("RetrievePropertiesEx", pc);
         req.raw(spec_set).raw(&format!(
-            "<options><maxObjects>{PAGE_SIZE}</maxObjects></options>"
+            "<options><maxObjects>{}</maxObjects></options>",
+            self.inner.page_size
         ));
         let response = self.call(&req).await?;
         let mut page =

@@ -57,6 +57,21 @@ impl Client {
 
     /// Every VM with its managed object and datacenter.
     pub async fn inventory_vms(&self) -> Result<Vec<Vm>> {
+        let generation = self.session_generation();
+        match self.inventory_vms_once().await {
+            // The container view belonged to a session that expired meanwhile: the
+            // re-login made a new session, in which the view does not exist. Once more,
+            // from a new view.
+            Err(Error::ManagedObjectNotFound { .. } | Error::NotAuthenticated { .. })
+                if self.session_generation() != generation =>
+            {
+                self.inventory_vms_once().await
+            }
+            other => other,
+        }
+    }
+
+    async fn inventory_vms_once(&self) -> Result<Vec<Vm>> {
         let view = self
             .create_container_view(&["Folder", "Datacenter", "VirtualApp", "VirtualMachine"])
             .await?;
