@@ -27,3 +27,4 @@ if ((${#need_apt[@]})); then
 fi
 qemu-img --version | head -n 1
 "$(dirname "$0")/moto/install.sh"
+"$(dirname "$0")/vcsim/build.sh"

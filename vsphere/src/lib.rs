@@ -1,0 +1,27 @@
+//! The vSphere source of rehost: a vSphere Web Services (SOAP) client written for what
+//! replication needs — inventory, snapshots, changed block tracking (CBT), ranged reads of
+//! a snapshot's frozen disk through the datastore HTTP interface, and ExportVm — and the
+//! [`rehost_core::Source`] built on it.
+//!
+//! The SOAP layer ([`soap`]) is pure over bytes, so it is unit-tested and fuzzable; the
+//! client keeps one logged-in session (re-login on expiry) shared by cheap clones.
+
+pub mod cbt;
+pub mod client;
+pub mod datastore;
+pub mod error;
+pub mod inventory;
+pub mod snapshot;
+pub mod soap;
+pub mod source;
+pub mod task;
+pub mod tls;
+
+pub use client::{Client, ConnectOptions, Password};
+pub use datastore::DatastoreFile;
+pub use error::{Error, Result};
+pub use inventory::Vm;
+pub use soap::MoRef;
+pub use soap::model::{DiskChangeInfo, SnapshotInfo, TaskInfo, VirtualDisk};
+pub use source::VsphereSource;
+pub use tls::Tls;

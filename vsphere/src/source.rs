@@ -1,0 +1,285 @@
+//! [`rehost_core::Source`] for vSphere: the inventory, a snapshot per run, the disk as
+//! the snapshot froze it read through CBT's changed areas, and the snapshot's removal.
+
+use bytes::Bytes;
+use futures::{StreamExt, stream};
+use rehost_core::{
+    ChangeToken, DiskId, DiskRead, EBS_BLOCK_SIZE, Extent, SnapshotOptions, SnapshotRef, Source,
+    VmId, VmInfo,
+};
+use tracing::info;
+
+use crate::cbt::{ALL_AREAS, widen_and_merge};
+use crate::client::Client;
+use crate::datastore::{DatastoreFile, flat_extent_path, parse_datastore_path};
+use crate::error::{Error, Result};
+use crate::soap::MoRef;
+
+/// Bytes per ranged GET: large enough that HTTP overhead is small, small enough that a
+/// retried read repeats little and [`READS_IN_FLIGHT`] of them stay in tens of MiB.
+pub const READ_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Ranged GETs in flight per disk: hides one request's latency behind the others';
+/// vCenter's datastore interface proxies through the host, so more does not go faster.
+pub const READS_IN_FLIGHT: usize = 4;
+
+/// The vSphere [`Source`].
+#[derive(Debug, Clone)]
+pub struct VsphereSource {
+    client: Client,
+}
+
+impl VsphereSource {
+    /// A source over a logged-in client.
+    pub fn new(client: Client) -> Self {
+        VsphereSource { client }
+    }
+
+    /// The client, for the vSphere-specific calls.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    async fn vm_by_id(&self, id: &VmId) -> Result<crate::inventory::Vm> {
+        self.client
+            .inventory_vms()
+            .await?
+            .into_iter()
+            .find(|v| v.info.id.0.eq_ignore_ascii_case(&id.0))
+            .ok_or_else(|| Error::VmNotFound {
+                query: id.0.clone(),
+            })
+    }
+
+    async fn read(
+        &self,
+        snapshot: &SnapshotRef,
+        disk: &DiskId,
+        since: Option<&ChangeToken>,
+    ) -> Result<DiskRead<Error>> {
+        let vm = MoRef::new("VirtualMachine", snapshot.vm_ref.as_str());
+        let snap = MoRef::new("VirtualMachineSnapshot", snapshot.snapshot_ref.as_str());
+        let disks = self.client.snapshot_disks(&snap).await?;
+        let frozen = disks
+            .into_iter()
+            .find(|d| d.key.to_string() == disk.0)
+            .ok_or_else(|| Error::DiskNotFound {
+                what: format!("snapshot {} of {}", snap.value, vm.value),
+                key: disk.0.clone(),
+            })?;
+        if let Some(why) = frozen.unsupported_reason() {
+            return Err(Error::Unsupported(format!("disk {}: {why}", disk.0)));
+        }
+        let token = frozen
+            .change_id
+            .clone()
+            .ok_or_else(|| Error::ChangeTrackingOff {
+                vm: vm.value.clone(),
+                disk: disk.0.clone(),
+            })?;
+        let (datastore, path) =
+            parse_datastore_path(&frozen.file_name).ok_or_else(|| Error::Protocol {
+                method: "RetrievePropertiesEx".into(),
+                detail: format!(
+                    "disk file name {:?} is not `[datastore] path`",
+                    frozen.file_name
+                ),
+            })?;
+        if is_delta(path) {
+            return Err(Error::Unsupported(format!(
+                "disk {} of {} was already a snapshot delta ({}) when rehost's snapshot was \
+                 taken: remove or consolidate the VM's other snapshots first",
+                disk.0, vm.value, frozen.file_name
+            )));
+        }
+        let capacity = frozen.capacity_bytes;
+        let change_id = since.map(|t| t.0.as_str()).unwrap_or(ALL_AREAS);
+        let areas = self
+            .client
+            .changed_areas(&vm, &snap, frozen.key, change_id, capacity)
+            .await?;
+        let areas = widen_and_merge(&areas, EBS_BLOCK_SIZE, capacity);
+        let data_bytes = areas.iter().map(|(_, len)| len).sum();
+        let datacenter = self.client.datacenter_of(&vm).await?;
+        let file = DatastoreFile::new(
+            &self.client,
+            &datacenter,
+            datastore,
+            &flat_extent_path(path),
+        )?;
+        info!(
+            vm = %vm.value, disk = %disk.0, capacity, data_bytes, since = change_id,
+            "reading disk from snapshot {}", snap.value
+        );
+        let pieces = plan_reads(&areas, capacity, READ_CHUNK_BYTES);
+        let extents = stream::iter(pieces)
+            .map(move |piece| {
+                let file = file.clone();
+                async move {
+                    match piece {
+                        Piece::Unchanged { offset, len } => Ok(Extent::Unchanged { offset, len }),
+                        Piece::Read { offset, len } => {
+                            let data: Bytes = file.read_range(offset, len).await?;
+                            Ok(Extent::Data { offset, data })
+                        }
+                    }
+                }
+            })
+            .buffered(READS_IN_FLIGHT);
+        Ok(DiskRead {
+            capacity_bytes: capacity,
+            token: ChangeToken(token),
+            data_bytes,
+            extents: Box::pin(extents),
+        })
+    }
+}
+
+/// A delta disk vSphere names `disk-000001.vmdk`.
+fn is_delta(path: &str) -> bool {
+    path.strip_suffix(".vmdk")
+        .and_then(|stem| stem.rsplit_once('-'))
+        .is_some_and(|(_, n)| n.len() == 6 && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// One step of a disk read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Piece {
+    /// Not read: unchanged since the token (or unallocated).
+    Unchanged { offset: u64, len: u64 },
+    /// Read with one ranged GET.
+    Read { offset: u64, len: u64 },
+}
+
+/// The ordered steps covering `[0, capacity)`: the areas (sorted, disjoint) cut into
+/// `chunk`-sized reads, the gaps between them unchanged.
+pub(crate) fn plan_reads(areas: &[(u64, u64)], capacity: u64, chunk: u64) -> Vec<Piece> {
+    let chunk = chunk.max(1);
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    for &(start, len) in areas {
+        if start > at {
+            pieces.push(Piece::Unchanged {
+                offset: at,
+                len: start - at,
+            });
+        }
+        let end = start + len;
+        let mut offset = start;
+        while offset < end {
+            let n = chunk.min(end - offset);
+            pieces.push(Piece::Read { offset, len: n });
+            offset += n;
+        }
+        at = end;
+    }
+    if at < capacity {
+        pieces.push(Piece::Unchanged {
+            offset: at,
+            len: capacity - at,
+        });
+    }
+    pieces
+}
+
+impl Source for VsphereSource {
+    type Error = Error;
+
+    async fn inventory(&self) -> Result<Vec<VmInfo>> {
+        self.client.list_vms().await
+    }
+
+    async fn snapshot(&self, vm: &VmId, options: &SnapshotOptions) -> Result<SnapshotRef> {
+        let found = self.vm_by_id(vm).await?;
+        let snapshot = self
+            .client
+            .create_snapshot(
+                &found.moref,
+                &options.name,
+                &options.description,
+                false,
+                options.quiesce,
+            )
+            .await?;
+        Ok(SnapshotRef {
+            vm: vm.clone(),
+            vm_ref: found.moref.value,
+            snapshot_ref: snapshot.value,
+            name: options.name.clone(),
+        })
+    }
+
+    async fn read_disk(
+        &self,
+        snapshot: &SnapshotRef,
+        disk: &DiskId,
+        since: Option<&ChangeToken>,
+    ) -> Result<DiskRead<Error>> {
+        self.read(snapshot, disk, since).await
+    }
+
+    async fn release(&self, snapshot: &SnapshotRef) -> Result<()> {
+        self.client
+            .remove_snapshot(&MoRef::new(
+                "VirtualMachineSnapshot",
+                snapshot.snapshot_ref.as_str(),
+            ))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_covers_the_disk_in_order() {
+        let mib = 1024 * 1024;
+        let pieces = plan_reads(&[(mib, 9 * mib), (12 * mib, mib)], 16 * mib, 4 * mib);
+        assert_eq!(
+            pieces,
+            vec![
+                Piece::Unchanged {
+                    offset: 0,
+                    len: mib
+                },
+                Piece::Read {
+                    offset: mib,
+                    len: 4 * mib
+                },
+                Piece::Read {
+                    offset: 5 * mib,
+                    len: 4 * mib
+                },
+                Piece::Read {
+                    offset: 9 * mib,
+                    len: mib
+                },
+                Piece::Unchanged {
+                    offset: 10 * mib,
+                    len: 2 * mib
+                },
+                Piece::Read {
+                    offset: 12 * mib,
+                    len: mib
+                },
+                Piece::Unchanged {
+                    offset: 13 * mib,
+                    len: 3 * mib
+                },
+            ]
+        );
+        assert_eq!(
+            plan_reads(&[], 5, 4),
+            vec![Piece::Unchanged { offset: 0, len: 5 }]
+        );
+        assert_eq!(plan_reads(&[], 0, 4), vec![]);
+    }
+
+    #[test]
+    fn deltas_are_recognised() {
+        assert!(is_delta("vm/disk1-000001.vmdk"));
+        assert!(!is_delta("vm/disk1.vmdk"));
+        assert!(!is_delta("vm/disk1-flat.vmdk"));
+    }
+}
