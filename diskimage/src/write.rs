@@ -20,7 +20,8 @@ use crate::stream::{Coalescer, StreamOptions, for_each_extent};
 pub enum OutputFormat {
     /// Plain bytes.
     Raw,
-    /// streamOptimized VMDK (what vSphere and VM Import accept).
+    /// streamOptimized VMDK (what vSphere and VM Import accept); with a parent, a delta
+    /// child that is still written forward-only (for uploads).
     VmdkStream,
     /// monolithicSparse VMDK; with a parent, a delta child.
     VmdkSparse,
@@ -45,7 +46,15 @@ impl OutputFormat {
 
     /// Whether the format can record a parent.
     pub fn supports_parent(self) -> bool {
-        matches!(self, OutputFormat::VmdkSparse | OutputFormat::VhdDynamic)
+        matches!(
+            self,
+            OutputFormat::VmdkStream | OutputFormat::VmdkSparse | OutputFormat::VhdDynamic
+        )
+    }
+
+    /// Whether the format can be written to a forward-only output (see [`create_stream`]).
+    pub fn is_forward_only(self) -> bool {
+        matches!(self, OutputFormat::VmdkStream)
     }
 }
 
@@ -76,7 +85,7 @@ pub fn create(
     let name = path.display().to_string();
     if parent.is_some() && !format.supports_parent() {
         return Err(Error::InvalidInput(format!(
-            "{name}: a differencing image can be written as vmdk-sparse or vhd-dynamic, not {format:?}"
+            "{name}: a differencing image can be written as vmdk-stream, vmdk-sparse or vhd-dynamic, not {format:?}"
         )));
     }
     let file = File::create(path).map_err(|source| Error::Open {
@@ -85,9 +94,10 @@ pub fn create(
     })?;
     Ok(match format {
         OutputFormat::Raw => Box::new(crate::raw::RawWriter::new(file, virtual_size, name)),
-        OutputFormat::VmdkStream => Box::new(crate::vmdk::StreamOptimizedWriter::new(
+        OutputFormat::VmdkStream => Box::new(crate::vmdk::StreamOptimizedWriter::with_parent(
             BufWriter::with_capacity(1 << 20, file),
             virtual_size,
+            parent,
             name,
         )?),
         OutputFormat::VmdkSparse => Box::new(crate::vmdk::SparseWriter::new(
@@ -116,6 +126,30 @@ pub fn create(
             name,
         )?),
     })
+}
+
+/// A writer of `format` into a forward-only output `out` (a pipe, an upload): only formats
+/// that never seek back ([`OutputFormat::is_forward_only`]). `name` is used in errors and,
+/// for a VMDK, its last component as the extent's file name. The caller buffers `out` if
+/// small writes are costly; the writer itself writes whole grains and tables.
+pub fn create_stream<W: std::io::Write + Send + 'static>(
+    out: W,
+    format: OutputFormat,
+    virtual_size: u64,
+    parent: Option<ParentLink>,
+    name: String,
+) -> Result<Box<dyn ExtentSink + Send>> {
+    match format {
+        OutputFormat::VmdkStream => Ok(Box::new(crate::vmdk::StreamOptimizedWriter::with_parent(
+            out,
+            virtual_size,
+            parent,
+            name,
+        )?)),
+        _ => Err(Error::InvalidInput(format!(
+            "{name}: {format:?} cannot be written forward-only; use vmdk-stream"
+        ))),
+    }
 }
 
 /// How a child will name `parent` (opened from `parent_path`) when written at `child_path`.

@@ -5,6 +5,8 @@ use std::hash::{BuildHasher, Hasher};
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::layer::ImageId;
+use crate::sink::ParentLink;
 
 /// `parentCID` of a disk without a parent (spec: `CID_NOPARENT`).
 pub(crate) const CID_NO_PARENT: u32 = 0xffff_ffff;
@@ -90,6 +92,40 @@ pub(crate) fn random_cid() -> u32 {
     }
 }
 
+/// The `parentCID` and a fresh `CID` for a disk of `virtual_size` bytes written as a
+/// delta of `parent` (or a base disk without one), after checking the parent can be one:
+/// a VMDK (only a CID can be recorded) of the same size, whose path fits in the descriptor.
+pub(crate) fn cids_for(
+    name: &str,
+    parent: Option<&ParentLink>,
+    virtual_size: u64,
+) -> Result<(u32, u32)> {
+    let parent_cid = match parent {
+        None => CID_NO_PARENT,
+        Some(link) => {
+            let ImageId::VmdkCid(cid) = link.id else {
+                return Err(Error::InvalidInput(format!(
+                    "{name}: a VMDK delta needs a VMDK parent (with a CID); {} is not one",
+                    link.relative_path
+                )));
+            };
+            if link.virtual_size_bytes != virtual_size {
+                return Err(Error::InvalidInput(format!(
+                    "{name}: a VMDK delta must have its parent's size ({} bytes), not {virtual_size}",
+                    link.virtual_size_bytes
+                )));
+            }
+            check_quotable(name, "parent path", &link.relative_path)?;
+            cid
+        }
+    };
+    let mut cid = random_cid();
+    if cid == parent_cid {
+        cid ^= 1; // A child sharing its parent's CID would look unmodified to VMware.
+    }
+    Ok((cid, parent_cid))
+}
+
 /// The extent file name recorded for an output named `name` (a path): its last component.
 pub(crate) fn extent_file_name(name: &str) -> Result<String> {
     let file = Path::new(name)
@@ -169,6 +205,24 @@ mod tests {
         let a: Vec<u32> = (0..8).map(|_| random_cid()).collect();
         assert!(a.iter().all(|&c| c != CID_NO_PARENT));
         assert!(a.windows(2).any(|w| w[0] != w[1]));
+    }
+
+    #[test]
+    fn cids_of_a_delta_come_from_a_same_sized_vmdk_parent() {
+        let link = |id, size| ParentLink {
+            relative_path: "p.vmdk".into(),
+            absolute_path: "/d/p.vmdk".into(),
+            id,
+            virtual_size_bytes: size,
+        };
+        let (cid, parent) = cids_for("c", None, 512).unwrap();
+        assert_eq!(parent, CID_NO_PARENT);
+        assert_ne!(cid, CID_NO_PARENT);
+        let (cid, parent) = cids_for("c", Some(&link(ImageId::VmdkCid(7), 512)), 512).unwrap();
+        assert_eq!(parent, 7);
+        assert_ne!(cid, 7);
+        assert!(cids_for("c", Some(&link(ImageId::VmdkCid(7), 1024)), 512).is_err());
+        assert!(cids_for("c", Some(&link(ImageId::VhdUniqueId([0; 16]), 512)), 512).is_err());
     }
 
     #[test]

@@ -8,15 +8,14 @@ use std::io::{Seek, SeekFrom, Write};
 
 use rehost_core::{Extent, SECTOR_SIZE};
 
-use super::descriptor::{CID_NO_PARENT, Descriptor, check_quotable, extent_file_name, random_cid};
+use super::descriptor::{Descriptor, cids_for, extent_file_name};
 use super::grains::{Grain, GrainAssembler, GrainTable};
 use super::header::{
     FLAG_REDUNDANT_GT, FLAG_VALID_NEWLINE, FLAG_ZERO_GRAIN, GRAIN_BYTES, GRAIN_SECTORS, GT_SECTORS,
     GTE_ZERO, SparseHeader, VERSION_SPARSE, VERSION_ZERO_GRAIN, ZERO_SECTOR,
 };
 use super::{Geometry, entry, grain_len, padded_descriptor, write_err};
-use crate::error::{Error, Result};
-use crate::layer::ImageId;
+use crate::error::Result;
 use crate::sink::{ExtentSink, ParentLink, SinkCursor, WriteSummary, is_zero};
 
 /// Largest disk we write: 2 TiB, VMware's limit for hosted sparse extents, whose 32-bit
@@ -65,29 +64,7 @@ impl<W: Write + Seek> SparseWriter<W> {
         name: String,
     ) -> Result<Self> {
         let geometry = Geometry::new(&name, virtual_size, MAX_VIRTUAL_SIZE)?;
-        let parent_cid = match &parent {
-            None => CID_NO_PARENT,
-            Some(link) => {
-                let ImageId::VmdkCid(cid) = link.id else {
-                    return Err(Error::InvalidInput(format!(
-                        "{name}: a VMDK delta needs a VMDK parent (with a CID); {} is not one",
-                        link.relative_path
-                    )));
-                };
-                if link.virtual_size_bytes != virtual_size {
-                    return Err(Error::InvalidInput(format!(
-                        "{name}: a VMDK delta must have its parent's size ({} bytes), not {virtual_size}",
-                        link.virtual_size_bytes
-                    )));
-                }
-                check_quotable(&name, "parent path", &link.relative_path)?;
-                cid
-            }
-        };
-        let mut cid = random_cid();
-        if cid == parent_cid {
-            cid ^= 1; // A child sharing its parent's CID would look unmodified to VMware.
-        }
+        let (cid, parent_cid) = cids_for(&name, parent.as_ref(), virtual_size)?;
         let descriptor = padded_descriptor(
             &Descriptor {
                 cid,
@@ -272,6 +249,7 @@ impl<W: Write + Seek> ExtentSink for SparseWriter<W> {
 #[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+    use crate::layer::ImageId;
     use bytes::Bytes;
     use std::io::Cursor;
 

@@ -2,22 +2,28 @@
 //! finished grain table behind a GT marker, then the grain directory, a footer carrying
 //! its offset and an end-of-stream marker. Nothing is ever sought back to, so the output
 //! can be a pipe or an upload.
+//!
+//! With a parent it is a delta: the descriptor names the parent (`parentCID`,
+//! `parentFileNameHint`), grains are all or nothing, unchanged grains are left out and
+//! zeroed ones are stored as compressed zero grains. A zeroed-grain table entry would be
+//! smaller, but the streamOptimized spec does not define one and compressed zeros read
+//! correctly in every streamOptimized reader; they cost one sector per 64 KiB grain.
 
 use std::io::Write;
 
 use flate2::{Compress, Compression, FlushCompress, Status};
 use rehost_core::{Extent, SECTOR_SIZE};
 
-use super::descriptor::{CID_NO_PARENT, Descriptor, extent_file_name, random_cid};
+use super::descriptor::{Descriptor, cids_for, extent_file_name};
 use super::grains::{Grain, GrainAssembler, GrainTable};
 use super::header::{
-    COMPRESSION_DEFLATE, FLAG_COMPRESSED, FLAG_MARKERS, FLAG_VALID_NEWLINE, GD_AT_END, GRAIN_LEN,
-    GRAIN_MARKER_LEN, GRAIN_SECTORS, GT_SECTORS, MarkerType, SparseHeader, VERSION_STREAM,
-    encode_grain_marker, encode_marker,
+    COMPRESSION_DEFLATE, FLAG_COMPRESSED, FLAG_MARKERS, FLAG_VALID_NEWLINE, GD_AT_END, GRAIN_BYTES,
+    GRAIN_LEN, GRAIN_MARKER_LEN, GRAIN_SECTORS, GT_SECTORS, MarkerType, SparseHeader,
+    VERSION_STREAM, encode_grain_marker, encode_marker,
 };
 use super::{Geometry, entry, grain_len, padded_descriptor, write_err};
 use crate::error::{Error, Result};
-use crate::sink::{ExtentSink, SinkCursor, WriteSummary, is_zero};
+use crate::sink::{ExtentSink, ParentLink, SinkCursor, WriteSummary, is_zero};
 
 /// Largest disk we stream: 64 TiB (VMware's 62 TB limit, rounded), so the grain
 /// directory held in memory stays under 8 MiB. The file itself must still fit in the
@@ -35,10 +41,12 @@ const COMPRESSION_LEVEL: u32 = 1;
 /// plus the grain marker and sector padding, rounded up generously.
 const COMPRESSED_CAPACITY: usize = GRAIN_LEN + 1024;
 
-/// Writes a streamOptimized VMDK to a forward-only output.
+/// Writes a streamOptimized VMDK, full or as a delta child, to a forward-only output
+/// (a file, a pipe, an S3 multipart upload: any `Write`).
 #[derive(Debug)]
 pub struct StreamOptimizedWriter<W: Write> {
     cursor: SinkCursor,
+    delta: bool,
     assembler: GrainAssembler,
     out: Output<W>,
 }
@@ -58,6 +66,11 @@ struct Output<W: Write> {
     compress: Compress,
     /// Marker, compressed grain and padding of the grain being written.
     frame: Vec<u8>,
+    /// The frame of an all-zero grain, compressed once when a delta first needs it (only
+    /// the LBA in its marker changes from one zero grain to the next).
+    zero_frame: Vec<u8>,
+    /// Whether zero grains are stored (a delta) or left out (a full image).
+    store_zeros: bool,
     data_bytes: u64,
 }
 
@@ -66,13 +79,27 @@ impl<W: Write> StreamOptimizedWriter<W> {
     /// and its file name in the descriptor. A size that is not a whole number of sectors is
     /// rounded up: VMDK counts sectors, and the padding reads as zeros.
     pub fn new(out: W, virtual_size: u64, name: String) -> Result<Self> {
+        Self::with_parent(out, virtual_size, None, name)
+    }
+
+    /// A writer of a `virtual_size`-byte disk, a delta child of `parent` if given (a VMDK
+    /// of the same size; the child gets a fresh CID). `name` as in [`Self::new`]: for an
+    /// upload, a path or URL whose last component is the object's file name.
+    pub fn with_parent(
+        out: W,
+        virtual_size: u64,
+        parent: Option<ParentLink>,
+        name: String,
+    ) -> Result<Self> {
         let geometry = Geometry::new(&name, virtual_size, MAX_VIRTUAL_SIZE)?;
+        let (cid, parent_cid) = cids_for(&name, parent.as_ref(), virtual_size)?;
+        let delta = parent.is_some();
         let descriptor = padded_descriptor(
             &Descriptor {
-                cid: random_cid(),
-                parent_cid: CID_NO_PARENT,
+                cid,
+                parent_cid,
                 create_type: "streamOptimized",
-                parent_hint: None,
+                parent_hint: parent.as_ref().map(|l| l.relative_path.as_str()),
                 sectors: geometry.capacity_sectors,
                 extent_file: &extent_file_name(&name)?,
                 tools_install_type: true,
@@ -104,6 +131,8 @@ impl<W: Write> StreamOptimizedWriter<W> {
             gt: GrainTable::new(),
             compress: Compress::new(Compression::new(COMPRESSION_LEVEL), true),
             frame: Vec::with_capacity(COMPRESSED_CAPACITY),
+            zero_frame: Vec::new(),
+            store_zeros: delta,
             data_bytes: 0,
         };
         let header_bytes = output.header.encode();
@@ -111,8 +140,10 @@ impl<W: Write> StreamOptimizedWriter<W> {
         output.write(&descriptor, "descriptor")?;
         let padding = (output.header.overhead * SECTOR_SIZE).saturating_sub(output.position);
         output.write_zeros(padding, "descriptor padding")?;
+        let alignment = if delta { GRAIN_BYTES } else { SECTOR_SIZE };
         Ok(Self {
-            cursor: SinkCursor::new(virtual_size, SECTOR_SIZE),
+            cursor: SinkCursor::new(virtual_size, alignment),
+            delta,
             assembler: GrainAssembler::new(virtual_size),
             out: output,
         })
@@ -144,19 +175,25 @@ impl<W: Write> Output<W> {
 
     /// Compresses and appends one grain, recording it in the current grain table.
     fn store(&mut self, grain: u64, content: Grain<'_>) -> Result<()> {
-        let Grain::Data(data) = content else {
-            return Ok(()); // A full image stores neither zeros nor "as in the parent".
+        let data = match content {
+            Grain::Unchanged => return Ok(()),
+            Grain::Zero => None,
+            Grain::Data(data) => Some(data).filter(|d| !is_zero(d)),
         };
-        if is_zero(data) {
-            return Ok(());
+        match data {
+            Some(data) => {
+                self.compress_frame(grain, data)?;
+                self.data_bytes += grain_len(grain, self.virtual_size);
+            }
+            // A full image leaves zeros out; a delta must store them to hide the parent.
+            None if !self.store_zeros => return Ok(()),
+            None => self.zero_grain_frame(grain)?,
         }
-        self.compress_frame(grain, data)?;
         let sector = self.sector()?;
         let frame = std::mem::take(&mut self.frame);
         let written = self.write(&frame, "grain");
         self.frame = frame;
         written?;
-        self.data_bytes += grain_len(grain, self.virtual_size);
         let Self {
             gt,
             gd,
@@ -168,6 +205,27 @@ impl<W: Write> Output<W> {
         gt.set(grain, sector, &mut |index, table| {
             write_table(out, name, position, gd, index, table)
         })
+    }
+
+    /// Fills `frame` with an all-zero grain for `grain`, compressing zeros only once.
+    fn zero_grain_frame(&mut self, grain: u64) -> Result<()> {
+        if self.zero_frame.is_empty() {
+            // Compressed once, so the best level costs nothing: it fits zeros in one
+            // sector where level 1 needs two.
+            let fast =
+                std::mem::replace(&mut self.compress, Compress::new(Compression::best(), true));
+            let framed = self.compress_frame(grain, &vec![0; GRAIN_LEN]);
+            self.compress = fast;
+            framed?;
+            self.zero_frame.clone_from(&self.frame);
+        }
+        self.frame.clear();
+        self.frame.extend_from_slice(&self.zero_frame);
+        let lba = (grain * GRAIN_SECTORS).to_le_bytes();
+        if let Some(marker_lba) = self.frame.get_mut(..lba.len()) {
+            marker_lba.copy_from_slice(&lba);
+        }
+        Ok(())
     }
 
     /// Fills `frame` with the grain marker, the zlib stream and padding to a sector.
@@ -222,6 +280,11 @@ fn write_table<W: Write>(
 }
 
 impl<W: Write> ExtentSink for StreamOptimizedWriter<W> {
+    fn alignment(&self) -> u64 {
+        // A delta grain is all or nothing: it cannot say "half of it is as in the parent".
+        if self.delta { GRAIN_BYTES } else { SECTOR_SIZE }
+    }
+
     fn put(&mut self, extent: Extent) -> Result<()> {
         self.cursor.advance(&extent)?;
         let out = &mut self.out;
@@ -276,7 +339,6 @@ impl<W: Write> ExtentSink for StreamOptimizedWriter<W> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
-    use super::super::header::GRAIN_BYTES;
     use super::*;
     use bytes::Bytes;
 
@@ -361,6 +423,64 @@ mod tests {
         assert_eq!(u32_at(&file, gt_offset), 0);
         assert_eq!(u32_at(&file, gt_offset + 4), 128);
         assert_eq!(u32_at(&file, gt_offset + 8), 0);
+    }
+
+    #[test]
+    fn a_delta_stores_zeros_and_skips_unchanged_grains() {
+        let link = ParentLink {
+            relative_path: "../p.vmdk".into(),
+            absolute_path: "/p.vmdk".into(),
+            id: crate::layer::ImageId::VmdkCid(0xabc),
+            virtual_size_bytes: 3 * GRAIN_BYTES,
+        };
+        let mut buf = Vec::new();
+        let mut w = Box::new(
+            StreamOptimizedWriter::with_parent(
+                &mut buf,
+                3 * GRAIN_BYTES,
+                Some(link),
+                "/x/c.vmdk".into(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(w.alignment(), GRAIN_BYTES);
+        w.put(Extent::Zero {
+            offset: 0,
+            len: GRAIN_BYTES,
+        })
+        .unwrap();
+        w.put(Extent::Unchanged {
+            offset: GRAIN_BYTES,
+            len: GRAIN_BYTES,
+        })
+        .unwrap();
+        w.put(Extent::Data {
+            offset: 2 * GRAIN_BYTES,
+            data: Bytes::from(vec![0; GRAIN_LEN]),
+        })
+        .unwrap();
+        let summary = (w as Box<dyn ExtentSink>).finish().unwrap();
+        assert_eq!(summary.data_bytes, 0);
+        let text = String::from_utf8_lossy(&buf[512..2048]);
+        assert!(text.contains("parentCID=00000abc\n"), "{text}");
+        assert!(
+            text.contains("parentFileNameHint=\"../p.vmdk\"\n"),
+            "{text}"
+        );
+        assert!(!text.contains("CID=00000abc\nparentCID"), "{text}");
+        // Two one-sector zero grains, each marker with its own LBA, then the GT marker.
+        let g = 128 * 512;
+        assert_eq!(u64_at(&buf, g), 0);
+        let first_len = u32_at(&buf, g + 8);
+        assert!(first_len > 0 && first_len < 500, "{first_len}");
+        assert_eq!(u64_at(&buf, g + 512), 256);
+        assert_eq!(u32_at(&buf, g + 512 + 8), first_len);
+        assert_eq!(u32_at(&buf, g + 1024 + 12), 1);
+        let gt = g + 1536;
+        assert_eq!(
+            (u32_at(&buf, gt), u32_at(&buf, gt + 4), u32_at(&buf, gt + 8)),
+            (128, 0, 129)
+        );
     }
 
     #[test]
