@@ -1,18 +1,20 @@
-//! `rehost`: the connector's command line: the disk-image tools (`rehost disk …`) and the
-//! importer (`import`, `stage`, `snapshot`, `amis`); sources, jobs and the API server join
-//! it as they land.
+//! `rehost`: the connector's command line: the disk-image tools (`rehost disk …`), the
+//! importer (`import`, `stage`, `snapshot`, `amis`), the config and server catalog
+//! (`config check`, `servers`) and vSphere exports (`export`); jobs and the API server
+//! join it as they land.
 
 mod amis_cmd;
 mod aws_args;
-#[allow(dead_code)] // used by the source commands as they land
 mod config;
 mod disk_cmd;
+mod export;
 mod import_cmd;
 mod output;
 mod progress;
+mod servers_cmd;
 mod snapshot_cmd;
+mod sources;
 mod stage_cmd;
-#[allow(dead_code)]
 mod store;
 
 use std::process::ExitCode;

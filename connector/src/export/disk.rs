@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use rehost_core::{ChangeToken, DiskRead, Extent, SourceError};
 use rehost_diskimage::checksum::BlockDigests;
-use rehost_diskimage::{ExtentSink, ImageId, ParentLink};
+use rehost_diskimage::{ImageId, ParentLink};
 use sha2::{Digest, Sha256};
 
 use super::manifest::DiskEntry;
@@ -106,14 +106,16 @@ fn write_blocking(
         virtual_size_bytes: capacity,
     });
     let location = job.target.location(&job.image);
-    let mut writer = rehost_diskimage::vmdk::StreamOptimizedWriter::with_parent(
+    let mut writer = rehost_diskimage::write::create_stream(
         out.clone(),
+        rehost_diskimage::write::OutputFormat::VmdkStream,
         capacity,
         link,
         location.clone(),
     )?;
+    // A full export also hashes the whole disk; an incremental reads too little for that.
+    let mut disk_hash = job.parent.is_none().then(Sha256::new);
     let mut digests = BlockDigests::new(capacity, job.parent.map(|p| p.digests))?;
-    let mut disk_hash = job.parent_is_none_hasher();
     let zeros = vec![0u8; 1 << 20];
     let mut data_bytes = 0u64;
     while let Some(extent) = rx.blocking_recv() {
@@ -139,7 +141,7 @@ fn write_blocking(
         }
         writer.put(extent)?;
     }
-    Box::new(writer).finish()?;
+    writer.finish()?;
     let digests = digests.finish()?;
     let image = out.take()?.finish()?;
     let cid = match job.target.image_id(&job.image, &job.handle)? {
@@ -155,12 +157,6 @@ fn write_blocking(
         digests,
         disk_sha256: disk_hash.map(|h| hex::encode(h.finalize())),
     })
-}
-
-impl DiskJob {
-    fn parent_is_none_hasher(&self) -> Option<Sha256> {
-        self.parent.is_none().then(Sha256::new)
-    }
 }
 
 /// The target writer, shared between the image writer (which owns a `Write`) and us

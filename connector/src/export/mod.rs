@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use rehost_core::{ChangeToken, SnapshotOptions, SnapshotRef, Source, VmInfo};
 use rehost_importer::aws::Clients;
-use rehost_vsphere::{Client, VsphereSource};
+use rehost_vsphere::{Client, MoRef, Vm, VsphereSource};
 use serde::Serialize;
 
 use crate::aws_args::{AwsArgs, runtime};
@@ -149,12 +149,13 @@ async fn export(
         bail!("--vm and --to are needed to export");
     };
     let source_config = config.source(&args.source)?;
-    let vm = client.find_vm(vm_name).await?;
+    let found = client.find_vm(vm_name).await?;
+    let vm = found.info.clone();
     let base = match &args.base {
         Some(location) => Some(Base::load(location, clients.as_ref(), &vm).await?),
         None => None,
     };
-    preflight(client, &vm, args, base.as_ref()).await?;
+    preflight(client, &found, args, base.as_ref()).await?;
 
     let target = Target::parse(to, clients.clone())?;
     target.prepare()?;
@@ -169,7 +170,7 @@ async fn export(
 
     let export_id = new_export_id();
     let snapshot_name = format!("{SNAPSHOT_PREFIX}{export_id}");
-    let source = VsphereSource::new(client.clone()).with_read_concurrency(args.concurrency);
+    let source = VsphereSource::new(client.clone());
     let ledger = store.snapshot_intended(
         &args.source,
         &vm.id.0,
@@ -194,7 +195,7 @@ async fn export(
         Ok(snapshot) => snapshot,
         Err(err) => {
             // The task may have created it before failing or being interrupted.
-            remove_by_name(store, client, ledger, &vm, &snapshot_name).await;
+            remove_by_name(store, client, ledger, &found.moref, &snapshot_name).await;
             return Err(err);
         }
     };
@@ -266,7 +267,8 @@ fn kind_name(kind: ExportKind) -> &'static str {
 }
 
 /// Checks the VM can be exported as asked, and turns CBT on when it is off.
-async fn preflight(client: &Client, vm: &VmInfo, args: &ExportArgs, base: Option<&Base>) -> Result<()> {
+async fn preflight(client: &Client, found: &Vm, args: &ExportArgs, base: Option<&Base>) -> Result<()> {
+    let vm = &found.info;
     let unsupported = vm.unsupported_reasons();
     if !unsupported.is_empty() {
         bail!(
@@ -278,12 +280,12 @@ async fn preflight(client: &Client, vm: &VmInfo, args: &ExportArgs, base: Option
     if vm.disks.is_empty() {
         bail!("{} has no virtual disk to export", vm.name);
     }
-    let running = client.running_tasks(&vm.source_ref).await?;
+    let running = client.running_tasks(&found.moref).await?;
     if let Some(task) = running.first() {
         bail!(
             "{} has a task in progress ({}); try again when it has finished",
             vm.name,
-            task
+            task.description_id
         );
     }
     if args.via == Via::ExportVm {
@@ -306,7 +308,7 @@ async fn preflight(client: &Client, vm: &VmInfo, args: &ExportArgs, base: Option
             );
         }
         client
-            .enable_change_tracking(&vm.source_ref)
+            .enable_change_tracking(&found.moref)
             .await
             .with_context(|| format!("enabling changed-block tracking on {}", vm.name))?;
         eprintln!(
@@ -490,12 +492,12 @@ async fn release(store: &Store, source: &VsphereSource, ledger: i64, snapshot: &
 
 /// After a failed or interrupted CreateSnapshot: removes a snapshot of that name if the
 /// task made one.
-async fn remove_by_name(store: &Store, client: &Client, ledger: i64, vm: &VmInfo, name: &str) {
-    match client.list_snapshots(&vm.source_ref).await {
+async fn remove_by_name(store: &Store, client: &Client, ledger: i64, vm: &MoRef, name: &str) {
+    match client.list_snapshots(vm).await {
         Ok(snapshots) => {
             let mut all_gone = true;
             for snap in snapshots.iter().filter(|s| s.name == name) {
-                if let Err(err) = client.remove_snapshot(&snap.snapshot_ref).await {
+                if let Err(err) = client.remove_snapshot(&snap.snapshot).await {
                     all_gone = false;
                     let _ = store.snapshot_removal_failed(ledger, &err.to_string());
                 }
@@ -556,7 +558,7 @@ async fn cleanup(
 ) -> Result<ExitCode> {
     let vms = match vm_filter {
         Some(name) => vec![client.find_vm(name).await?],
-        None => client.list_vms().await?,
+        None => client.inventory_vms().await?,
     };
     let mut report = CleanupReport {
         removed: Vec::new(),
@@ -564,17 +566,17 @@ async fn cleanup(
     };
     for vm in &vms {
         let snapshots = client
-            .list_snapshots(&vm.source_ref)
+            .list_snapshots(&vm.moref)
             .await
-            .with_context(|| format!("listing the snapshots of {}", vm.name))?;
+            .with_context(|| format!("listing the snapshots of {}", vm.info.name))?;
         for snap in snapshots {
             let ours = snap.name.starts_with(SNAPSHOT_PREFIX)
                 && snap.description.starts_with(SNAPSHOT_MARKER);
             if !ours {
                 continue;
             }
-            let label = format!("{} on {}", snap.name, vm.name);
-            match client.remove_snapshot(&snap.snapshot_ref).await {
+            let label = format!("{} on {}", snap.name, vm.info.name);
+            match client.remove_snapshot(&snap.snapshot).await {
                 Ok(()) => {
                     if let Some(id) = store.snapshot_by_name(&snap.name)? {
                         store.snapshot_removed(id)?;
@@ -588,11 +590,11 @@ async fn cleanup(
     // Ledger entries whose snapshot is no longer on its VM (removed by hand, or never
     // created) are closed; those on VMs outside the filter are left alone.
     for entry in store.open_snapshots(source)? {
-        let Some(vm) = vms.iter().find(|v| v.id.0 == entry.vm_id) else {
+        let Some(vm) = vms.iter().find(|v| v.info.id.0 == entry.vm_id) else {
             continue;
         };
         let present = client
-            .list_snapshots(&vm.source_ref)
+            .list_snapshots(&vm.moref)
             .await?
             .iter()
             .any(|s| s.name == entry.name);
