@@ -128,17 +128,18 @@ pub fn create(
     })
 }
 
-/// A writer of `format` into a forward-only output `out` (a pipe, an upload): only formats
+/// A writer of `format` into a forward-only output `out` (a pipe, an upload, `&mut` one so it
+/// can be finished after the sink): only formats
 /// that never seek back ([`OutputFormat::is_forward_only`]). `name` is used in errors and,
 /// for a VMDK, its last component as the extent's file name. The caller buffers `out` if
 /// small writes are costly; the writer itself writes whole grains and tables.
-pub fn create_stream<W: std::io::Write + Send + 'static>(
+pub fn create_stream<'a, W: std::io::Write + Send + 'a>(
     out: W,
     format: OutputFormat,
     virtual_size: u64,
     parent: Option<ParentLink>,
     name: String,
-) -> Result<Box<dyn ExtentSink + Send>> {
+) -> Result<Box<dyn ExtentSink + Send + 'a>> {
     match format {
         OutputFormat::VmdkStream => Ok(Box::new(crate::vmdk::StreamOptimizedWriter::with_parent(
             out,
@@ -149,6 +150,18 @@ pub fn create_stream<W: std::io::Write + Send + 'static>(
         _ => Err(Error::InvalidInput(format!(
             "{name}: {format:?} cannot be written forward-only; use vmdk-stream"
         ))),
+    }
+}
+
+/// The largest output `format` can take for a `virtual_size`-byte disk, for formats
+/// written forward-only (to size an upload: S3 needs the part size before the first
+/// part). `None` for the others.
+pub fn max_stream_bytes(format: OutputFormat, virtual_size: u64) -> Option<u64> {
+    match format {
+        OutputFormat::VmdkStream => {
+            Some(crate::vmdk::StreamOptimizedWriter::<std::io::Sink>::max_file_bytes(virtual_size))
+        }
+        _ => None,
     }
 }
 
@@ -197,7 +210,7 @@ fn relative_path(from: &Path, target: &Path) -> String {
 /// Writes all of `disk` into `sink`. Zero and unallocated areas are left out.
 pub fn convert(
     disk: &Disk,
-    sink: Box<dyn ExtentSink>,
+    sink: Box<dyn ExtentSink + '_>,
     threads: usize,
     progress: &mut dyn FnMut(u64),
 ) -> Result<WriteSummary> {
@@ -274,7 +287,7 @@ pub fn convert_to_raw_file(
 pub fn convert_delta(
     disk: &Disk,
     parent: &Disk,
-    sink: Box<dyn ExtentSink>,
+    sink: Box<dyn ExtentSink + '_>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<WriteSummary> {
     let mut sink = sink;
@@ -283,7 +296,7 @@ pub fn convert_delta(
     let chunk = (1u64 << 20).div_ceil(unit) * unit;
     let size = disk.virtual_size();
     let mut coalescer = Coalescer::default();
-    let mut emit = |e: Extent, sink: &mut Box<dyn ExtentSink>| -> Result<()> {
+    let mut emit = |e: Extent, sink: &mut Box<dyn ExtentSink + '_>| -> Result<()> {
         if let Some(done) = coalescer.push(e) {
             sink.put(done)?;
         }

@@ -32,13 +32,13 @@ pub const S3_MAX_PART_BYTES: u64 = 5 << 30;
 pub const S3_MAX_PARTS: u64 = 10_000;
 /// Our smallest part: the AWS CLI's default (8 MiB), so small images take few requests
 /// and a retried part costs little.
-const MIN_PART_BYTES: u64 = 8 * MIB;
+pub(super) const MIN_PART_BYTES: u64 = 8 * MIB;
 /// Parts in flight by default: enough to fill a gigabit link at S3's ~20–50 ms per
 /// request (the AWS CLI sends 10), while memory stays at `concurrency × part size`.
 pub const DEFAULT_CONCURRENCY: usize = 8;
 /// Parts held in memory at once are capped to this many bytes: very large files get
 /// large parts (10,000 parts at most), and 8 × 500 MiB would not fit a small VM.
-const MEMORY_BUDGET_BYTES: u64 = 256 * MIB;
+pub(super) const MEMORY_BUDGET_BYTES: u64 = 256 * MIB;
 
 /// How to stage.
 #[derive(Debug, Clone)]
@@ -94,7 +94,7 @@ pub fn choose_part_size(size_bytes: u64) -> Result<u64> {
     Ok(part)
 }
 
-fn check_part_size(part: u64, size_bytes: u64) -> Result<()> {
+pub(super) fn check_part_size(part: u64, size_bytes: u64) -> Result<()> {
     if !(S3_MIN_PART_BYTES..=S3_MAX_PART_BYTES).contains(&part) {
         return Err(Error::InvalidInput(format!(
             "part size {part} is outside S3's 5 MiB to 5 GiB"
@@ -383,7 +383,7 @@ async fn upload_part(
 /// after S3 may have completed it) and a retry then finds the upload gone, the object is
 /// checked instead: there with the expected size and a multipart ETag of as many parts,
 /// it is ours.
-async fn complete(
+pub(super) async fn complete(
     client: &Client,
     url: &S3Url,
     upload_id: &str,
@@ -439,7 +439,7 @@ async fn complete(
 
 /// AbortMultipartUpload until ListParts says the upload is gone: parts still in flight
 /// when the first abort lands may be stored after it (S3 documents this).
-async fn abort(client: &Client, url: &S3Url, upload_id: &str) -> Result<()> {
+pub(super) async fn abort(client: &Client, url: &S3Url, upload_id: &str) -> Result<()> {
     let target = format!("{url} upload {upload_id}");
     for _ in 0..3 {
         let aborted = retry(|| async {
@@ -511,11 +511,11 @@ impl Drop for AbortGuard {
 }
 
 /// A part's length as the SDK takes it (parts are at most 5 GiB, so it always fits).
-fn content_length(data: &Bytes) -> i64 {
+pub(super) fn content_length(data: &Bytes) -> i64 {
     i64::try_from(data.len()).unwrap_or(i64::MAX)
 }
 
-fn to_hex(bytes: &[u8]) -> String {
+pub(super) fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -18,7 +18,7 @@ use super::descriptor::{Descriptor, cids_for, extent_file_name};
 use super::grains::{Grain, GrainAssembler, GrainTable};
 use super::header::{
     COMPRESSION_DEFLATE, FLAG_COMPRESSED, FLAG_MARKERS, FLAG_VALID_NEWLINE, GD_AT_END, GRAIN_BYTES,
-    GRAIN_LEN, GRAIN_MARKER_LEN, GRAIN_SECTORS, GT_SECTORS, MarkerType, SparseHeader,
+    GRAIN_LEN, GRAIN_MARKER_LEN, GRAIN_SECTORS, GT_SECTORS, GTES_PER_GT, MarkerType, SparseHeader,
     VERSION_STREAM, encode_grain_marker, encode_marker,
 };
 use super::{Geometry, entry, grain_len, padded_descriptor, write_err};
@@ -80,6 +80,12 @@ impl<W: Write> StreamOptimizedWriter<W> {
     /// rounded up: VMDK counts sectors, and the padding reads as zeros.
     pub fn new(out: W, virtual_size: u64, name: String) -> Result<Self> {
         Self::with_parent(out, virtual_size, None, name)
+    }
+
+    /// The largest file this writer can produce for a `virtual_size`-byte disk (all of it
+    /// incompressible data, delta or not): what an upload must be sized for.
+    pub fn max_file_bytes(virtual_size: u64) -> u64 {
+        max_file_bytes(virtual_size)
     }
 
     /// A writer of a `virtual_size`-byte disk, a delta child of `parent` if given (a VMDK
@@ -148,6 +154,22 @@ impl<W: Write> StreamOptimizedWriter<W> {
             out: output,
         })
     }
+}
+
+/// The largest file a streamOptimized VMDK of `virtual_size` bytes can take: every grain
+/// stored and incompressible (a frame of at most 129 sectors), every grain table, the
+/// directory and the trailing structures. An upload sized for this never runs out of parts.
+fn max_file_bytes(virtual_size: u64) -> u64 {
+    let grains = virtual_size.div_ceil(GRAIN_BYTES);
+    let tables = grains.div_ceil(GTES_PER_GT);
+    let frame = (COMPRESSED_CAPACITY as u64).next_multiple_of(SECTOR_SIZE);
+    let gd = (tables * 4).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+    // Header and descriptor within one grain, a GT marker per table, the GD marker, the
+    // footer marker, footer and end-of-stream marker.
+    GRAIN_BYTES
+        .saturating_add(grains.saturating_mul(frame))
+        .saturating_add(tables.saturating_mul(GT_SECTORS * SECTOR_SIZE + SECTOR_SIZE))
+        .saturating_add(gd + 4 * SECTOR_SIZE)
 }
 
 impl<W: Write> Output<W> {
@@ -480,6 +502,36 @@ mod tests {
         assert_eq!(
             (u32_at(&buf, gt), u32_at(&buf, gt + 4), u32_at(&buf, gt + 8)),
             (128, 0, 129)
+        );
+    }
+
+    #[test]
+    fn incompressible_data_stays_within_max_file_bytes() {
+        let size = 3 * GRAIN_BYTES + 512;
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let random: Vec<u8> = (0..size)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s as u8
+            })
+            .collect();
+        let file = write(
+            size,
+            vec![Extent::Data {
+                offset: 0,
+                data: Bytes::from(random),
+            }],
+        )
+        .unwrap();
+        let bound = max_file_bytes(size);
+        assert!(file.len() as u64 <= bound, "{} > {bound}", file.len());
+        // Tight: within a grain of it, so uploads are not sized far too large.
+        assert!(
+            bound - (file.len() as u64) < GRAIN_BYTES,
+            "{} vs {bound}",
+            file.len()
         );
     }
 
