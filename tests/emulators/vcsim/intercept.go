@@ -53,6 +53,13 @@ func (h *interceptor) validSession(r *http.Request) bool {
 	return rec.Code == http.StatusOK
 }
 
+// sessionRequired are the methods upstream answers without a session though vCenter
+// answers NotAuthenticated (it lets only RetrieveServiceContent and the logins through).
+var sessionRequired = map[string]bool{
+	"RetrieveProperties": true, "RetrievePropertiesEx": true, "ContinueRetrievePropertiesEx": true,
+	"Fetch": true, "List": true,
+}
+
 // unlockedMethods may block (long polls) and touch no disk, so they skip the store lock.
 var unlockedMethods = map[string]bool{
 	"WaitForUpdates": true, "WaitForUpdatesEx": true, "CheckForUpdates": true,
@@ -63,6 +70,12 @@ func (h *interceptor) serveSOAP(w http.ResponseWriter, r *http.Request) {
 	_ = r.Body.Close()
 	if err != nil {
 		http.Error(w, "reading body: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	if name := soapMethodName(body); sessionRequired[name] && !h.validSession(r) {
+		// Upstream lets these through without a session (answering empty objects);
+		// vCenter refuses them.
+		writeFault(w, "The session is not authenticated.", &types.NotAuthenticated{NoPermission: types.NoPermission{PrivilegeId: "System.View"}})
 		return
 	}
 	method, err := simulator.UnmarshalBody(types.TypeFunc(), body)

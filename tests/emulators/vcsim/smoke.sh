@@ -76,6 +76,9 @@ ok "wrong password answers InvalidLogin"
 code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/certs/ca.pem" "$(folder_url $VM/disk1-flat.vmdk)")
 [[ $code == 401 ]] || fail "/folder without a session answered $code"
 ok "/folder without a session cookie answers 401"
+r=$(soap "<urn:RetrievePropertiesEx><urn:_this type=\"PropertyCollector\">propertyCollector</urn:_this><urn:specSet><urn:propSet><urn:type>VirtualMachine</urn:type><urn:pathSet>name</urn:pathSet></urn:propSet><urn:objectSet><urn:obj type=\"VirtualMachine\">$vm</urn:obj></urn:objectSet></urn:specSet><urn:options/></urn:RetrievePropertiesEx>")
+expect "RetrievePropertiesEx without a session" "$r" 'NotAuthenticated'
+ok "RetrievePropertiesEx without a session answers NotAuthenticated"
 r=$(soap '<urn:Login><urn:_this type="SessionManager">SessionManager</urn:_this><urn:userName>user</urn:userName><urn:password>pass</urn:password></urn:Login>')
 expect "login" "$r" '<userName>user</userName>'
 ok "login sets a session"
