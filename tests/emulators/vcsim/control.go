@@ -8,6 +8,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/vmware/govmomi/simulator"
@@ -26,6 +27,7 @@ func newControlMux() http.Handler {
 	mux.HandleFunc("/_rehost/snapshots", controlSnapshots)
 	mux.HandleFunc("/_rehost/cbt/window", post(controlCBTWindow))
 	mux.HandleFunc("/_rehost/lease/timeout", post(controlLeaseTimeout))
+	mux.HandleFunc("/_rehost/retrieve/page", post(controlRetrievePage))
 	mux.HandleFunc("/_rehost/fault/folder", post(controlFaultFolder))
 	mux.HandleFunc("/_rehost/fault/soap", post(controlFaultSOAP))
 	mux.HandleFunc("/_rehost/fault/clear", post(func(w http.ResponseWriter, r *http.Request) {
@@ -389,4 +391,16 @@ func controlPrivileges(w http.ResponseWriter, r *http.Request) {
 		privileges.set(ids)
 	}
 	writeJSON(w, map[string][]string{"denied": privileges.list()})
+}
+
+// controlRetrievePage: ?objects=N pages RetrievePropertiesEx answers at N objects even
+// without maxObjects (0: only when the client asks).
+func controlRetrievePage(w http.ResponseWriter, r *http.Request) {
+	n, err := strconv.ParseInt(r.URL.Query().Get("objects"), 10, 64)
+	if err != nil || n < 0 {
+		controlError(w, http.StatusBadRequest, "objects must be a non-negative integer")
+		return
+	}
+	atomic.StoreInt64(&serverPageObjects, n)
+	writeJSON(w, map[string]int64{"page_objects": n})
 }

@@ -28,6 +28,7 @@
 //! vc.snapshots(vm) -> Result<Vec<String>, String>     snapshot names (leftover checks)
 //! vc.set_cbt_window(bytes) -> Result<(), String>      QueryChangedDiskAreas chunk size
 //! vc.set_lease_timeout(secs) -> Result<(), String>    HttpNfcLease expiry without progress
+//! vc.set_retrieve_page(objects) -> Result<(), String> page RetrievePropertiesEx at N (0: off)
 //! vc.fail_folder_after(path, bytes, count) -> Result<(), String>  abort GET after N bytes
 //! vc.fail_folder_status(path, status, count) -> Result<(), String> answer an HTTP error
 //! vc.fail_soap(method, fault, count) -> Result<(), String>  e.g. ("RemoveSnapshot_Task", "SystemError", 1)
@@ -295,6 +296,16 @@ impl Vcsim {
         self.control_ok(
             "POST",
             &format!("/_rehost/lease/timeout?seconds={secs}"),
+            b"",
+        )
+        .map(|_| ())
+    }
+
+    /// Pages RetrievePropertiesEx answers at `objects` even without maxObjects (0: off).
+    pub fn set_retrieve_page(&self, objects: u32) -> Result<(), String> {
+        self.control_ok(
+            "POST",
+            &format!("/_rehost/retrieve/page?objects={objects}"),
             b"",
         )
         .map(|_| ())

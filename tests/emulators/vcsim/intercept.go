@@ -126,9 +126,12 @@ func (h *interceptor) serveSOAP(w http.ResponseWriter, r *http.Request) {
 	if err := store.reconcile(); err != nil {
 		logf("reconcile before %s: %v", method.Name, err)
 	}
-	if method.Name == "RemoveSnapshot_Task" {
+	switch method.Name {
+	case "RemoveSnapshot_Task":
 		h.forwardRemoveSnapshot(w, r, method)
-	} else {
+	case "RetrievePropertiesEx":
+		h.retrievePaged(w, r, method)
+	default:
 		h.forward(w, r, method.Name)
 	}
 	if err := store.reconcile(); err != nil {
@@ -202,9 +205,5 @@ func (h *interceptor) forwardRemoveSnapshot(w http.ResponseWriter, r *http.Reque
 			})
 		}
 	}
-	for k, v := range rec.Header() {
-		w.Header()[k] = v
-	}
-	w.WriteHeader(rec.Code)
-	_, _ = w.Write(rec.Body.Bytes())
+	copyRecorded(w, rec)
 }

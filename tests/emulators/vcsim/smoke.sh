@@ -88,6 +88,17 @@ expect "ranged GET" "$r" 'Content-Range: bytes 1024-2047/67108864'
 [[ $(stat -c %s "$work/range") == 1024 ]] || fail "ranged GET size"
 ok "/folder ranged GET answers 206 with Content-Range on a 64 MiB default disk"
 
+objsets=$(curl -sS "$ctl/_rehost/vms" | json "''.join('<urn:objectSet><urn:obj type=\"VirtualMachine\">%s</urn:obj></urn:objectSet>' % v['moref'] for v in d)")
+r=$(soap "<urn:RetrievePropertiesEx><urn:_this type=\"PropertyCollector\">propertyCollector</urn:_this><urn:specSet><urn:propSet><urn:type>VirtualMachine</urn:type><urn:pathSet>name</urn:pathSet></urn:propSet>$objsets</urn:specSet><urn:options><urn:maxObjects>3</urn:maxObjects></urn:options></urn:RetrievePropertiesEx>")
+[[ $(grep -o '<objects>' <<<"$r" | wc -l) == 3 ]] || fail "first page: $r"
+token=$(grep -o '<token>[^<]*' <<<"$r" | sed 's/<token>//')
+[[ -n $token ]] || fail "no token: $r"
+r=$(soap "<urn:ContinueRetrievePropertiesEx><urn:_this type=\"PropertyCollector\">propertyCollector</urn:_this><urn:token>$token</urn:token></urn:ContinueRetrievePropertiesEx>")
+[[ $(grep -o '<objects>' <<<"$r" | wc -l) == 1 ]] || fail "second page: $r"
+grep -q '<token>' <<<"$r" && fail "token on the last page"
+expect "used token" "$(soap "<urn:ContinueRetrievePropertiesEx><urn:_this type=\"PropertyCollector\">propertyCollector</urn:_this><urn:token>$token</urn:token></urn:ContinueRetrievePropertiesEx>")" 'InvalidArgument'
+ok "RetrievePropertiesEx pages at maxObjects with a token for ContinueRetrievePropertiesEx"
+
 r=$(soap "<urn:Fetch><urn:_this type=\"VirtualMachine\">$vm</urn:_this><urn:prop>snapshot</urn:prop></urn:Fetch>")
 expect "Fetch of unset snapshot" "$r" $'</soapenv:Envelope>\n200'
 ok "Fetch of an unset snapshot property answers (empty) instead of dropping the connection"
