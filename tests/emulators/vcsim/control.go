@@ -28,6 +28,7 @@ func newControlMux() http.Handler {
 	mux.HandleFunc("/_rehost/cbt/window", post(controlCBTWindow))
 	mux.HandleFunc("/_rehost/lease/timeout", post(controlLeaseTimeout))
 	mux.HandleFunc("/_rehost/retrieve/page", post(controlRetrievePage))
+	mux.HandleFunc("/_rehost/export/layout", post(controlExportLayout))
 	mux.HandleFunc("/_rehost/fault/folder", post(controlFaultFolder))
 	mux.HandleFunc("/_rehost/fault/soap", post(controlFaultSOAP))
 	mux.HandleFunc("/_rehost/fault/clear", post(func(w http.ResponseWriter, r *http.Request) {
@@ -403,4 +404,15 @@ func controlRetrievePage(w http.ResponseWriter, r *http.Request) {
 	}
 	atomic.StoreInt64(&serverPageObjects, n)
 	writeJSON(w, map[string]int64{"page_objects": n})
+}
+
+// controlExportLayout: ?layout=esxi|qemu for the streamOptimized VMDKs of later exports.
+func controlExportLayout(w http.ResponseWriter, r *http.Request) {
+	l := r.URL.Query().Get("layout")
+	if l != exportLayoutESXi && l != exportLayoutQemu {
+		controlError(w, http.StatusBadRequest, "layout must be esxi or qemu")
+		return
+	}
+	exportLayout.Store(l)
+	writeJSON(w, map[string]string{"layout": l})
 }

@@ -28,6 +28,22 @@ func setLeaseTimeout(d time.Duration) { atomic.StoreInt64(&leaseTimeoutNanos, in
 
 var leaseCounter int64
 
+// The streamOptimized layout ExportVm serves: ESXi's (GD at the end, footer, EOS marker),
+// as a real vCenter streams, or qemu-img's (GD offset in the header, no footer).
+const (
+	exportLayoutESXi = "esxi"
+	exportLayoutQemu = "qemu"
+)
+
+var exportLayout atomic.Value
+
+func getExportLayout() string {
+	if v, ok := exportLayout.Load().(string); ok {
+		return v
+	}
+	return exportLayoutESXi
+}
+
 // exportLease is an HttpNfcLease for ExportVm; upstream's dispatcher calls its methods by
 // reflection and its property collector reads the embedded mo.HttpNfcLease.
 type exportLease struct {
@@ -102,14 +118,22 @@ func exportVM(_ *http.Request, m *simulator.Method) (soap.HasFault, *methodFault
 		}})
 	}
 
+	layout := getExportLayout()
 	go func() {
 		info := &types.HttpNfcLeaseInfo{Lease: ref, Entity: vm.Self, LeaseTimeout: int32(getLeaseTimeout() / time.Second)}
 		for _, j := range jobs {
 			out := filepath.Join(dir, j.name)
-			cmd := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", j.src, out)
-			if msg, err := cmd.CombinedOutput(); err != nil {
-				lease.fail(&types.SystemError{Reason: fmt.Sprintf("qemu-img convert: %v: %s", err, strings.TrimSpace(string(msg)))})
-				return
+			if layout == exportLayoutESXi {
+				if err := writeESXiStream(j.src, out); err != nil {
+					lease.fail(&types.SystemError{Reason: fmt.Sprintf("writing the stream: %v", err)})
+					return
+				}
+			} else {
+				cmd := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", j.src, out)
+				if msg, err := cmd.CombinedOutput(); err != nil {
+					lease.fail(&types.SystemError{Reason: fmt.Sprintf("qemu-img convert: %v: %s", err, strings.TrimSpace(string(msg)))})
+					return
+				}
 			}
 			_ = os.Remove(j.src)
 			fi, err := os.Stat(out)

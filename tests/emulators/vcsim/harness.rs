@@ -29,6 +29,7 @@
 //! vc.set_cbt_window(bytes) -> Result<(), String>      QueryChangedDiskAreas chunk size
 //! vc.set_lease_timeout(secs) -> Result<(), String>    HttpNfcLease expiry without progress
 //! vc.set_retrieve_page(objects) -> Result<(), String> page RetrievePropertiesEx at N (0: off)
+//! vc.set_export_layout(ExportLayout::Qemu) -> Result<(), String>  ESXi (default) or qemu-img stream
 //! vc.fail_folder_after(path, bytes, count) -> Result<(), String>  abort GET after N bytes
 //! vc.fail_folder_status(path, status, count) -> Result<(), String> answer an HTTP error
 //! vc.fail_soap(method, fault, count) -> Result<(), String>  e.g. ("RemoveSnapshot_Task", "SystemError", 1)
@@ -58,6 +59,15 @@ pub enum PowerState {
     On,
     Off,
     Suspended,
+}
+
+/// The streamOptimized layout ExportVm serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportLayout {
+    /// ESXi's: GD at the end (`gdOffset` = GD_AT_END), footer and end-of-stream marker.
+    Esxi,
+    /// qemu-img's: GD offset in the header, no footer.
+    Qemu,
 }
 
 /// A running rehost-vcsim; killed and its directory removed on Drop.
@@ -309,6 +319,16 @@ impl Vcsim {
             b"",
         )
         .map(|_| ())
+    }
+
+    /// Sets the layout of the streamOptimized VMDKs later exports serve.
+    pub fn set_export_layout(&self, layout: ExportLayout) -> Result<(), String> {
+        let l = match layout {
+            ExportLayout::Esxi => "esxi",
+            ExportLayout::Qemu => "qemu",
+        };
+        self.control_ok("POST", &format!("/_rehost/export/layout?layout={l}"), b"")
+            .map(|_| ())
     }
 
     /// The next `count` GETs of `path` (-1: all) abort the connection after `bytes` body bytes.

@@ -237,6 +237,8 @@ export_lease() {
   done
   expect "lease ready" "$st" '>ready<'
 }
+for layout in qemu esxi; do
+curl -sS -o /dev/null -X POST "$ctl/_rehost/export/layout?layout=$layout"
 export_lease
 r=$(props HttpNfcLease "$lease" info)
 url=$(grep -o '<url>[^<]*' <<<"$r" | sed 's/<url>//')
@@ -249,6 +251,13 @@ size=$(grep -o '<fileSize>[^<]*' <<<"$r" | sed 's/<fileSize>//')
 [[ $(stat -c %s "$work/export.vmdk") == "$size" ]] || fail "fileSize $size vs download"
 qemu-img check -q -f vmdk "$work/export.vmdk" || fail "qemu-img check"
 qemu-img info "$work/export.vmdk" | grep -q 'create type: streamOptimized' || fail "not streamOptimized"
+gd=$(od -An -t u8 -j 56 -N 8 "$work/export.vmdk" | tr -d ' ')
+if [[ $layout == esxi ]]; then
+  [[ $gd == 18446744073709551615 ]] || fail "ESXi layout: gdOffset $gd is not GD_AT_END"
+  [[ $(od -An -t u4 -j $(($(stat -c %s "$work/export.vmdk") - 512 + 12)) -N 4 "$work/export.vmdk" | tr -d ' ') == 0 ]] || fail "no EOS marker"
+else
+  [[ $gd != 18446744073709551615 ]] || fail "qemu layout: gdOffset is GD_AT_END"
+fi
 curl -sS -o "$work/disk.raw" "$ctl/_rehost/disk?vm=$VM&key=2000"
 qemu-img compare -q -f vmdk -F raw "$work/export.vmdk" "$work/disk.raw" || fail "qemu-img compare"
 r=$(soap "<urn:HttpNfcLeaseProgress><urn:_this type=\"HttpNfcLease\">$lease</urn:_this><urn:percent>50</urn:percent></urn:HttpNfcLeaseProgress>")
@@ -258,7 +267,8 @@ expect "complete" "$r" 'HttpNfcLeaseCompleteResponse'
 expect "state done" "$(props HttpNfcLease "$lease" state)" '>done<'
 code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/certs/ca.pem" -b "$jar" "$url")
 [[ $code == 404 ]] || fail "download after Complete answered $code"
-ok "ExportVm of a powered-off VM serves a streamOptimized VMDK equal to the disk (qemu-img check + compare)"
+ok "ExportVm ($layout layout) of a powered-off VM serves a streamOptimized VMDK equal to the disk (qemu-img check + compare)"
+done
 
 curl -sS -o /dev/null -X POST "$ctl/_rehost/lease/timeout?seconds=1"
 export_lease
