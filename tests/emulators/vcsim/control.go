@@ -29,6 +29,7 @@ func newControlMux() http.Handler {
 	mux.HandleFunc("/_rehost/lease/timeout", post(controlLeaseTimeout))
 	mux.HandleFunc("/_rehost/retrieve/page", post(controlRetrievePage))
 	mux.HandleFunc("/_rehost/export/layout", post(controlExportLayout))
+	mux.HandleFunc("/_rehost/export/star-host", post(controlStarHost))
 	mux.HandleFunc("/_rehost/fault/folder", post(controlFaultFolder))
 	mux.HandleFunc("/_rehost/fault/soap", post(controlFaultSOAP))
 	mux.HandleFunc("/_rehost/fault/clear", post(func(w http.ResponseWriter, r *http.Request) {
@@ -190,6 +191,11 @@ func controlDiskLoad(w http.ResponseWriter, r *http.Request) {
 		fi, err := os.Stat(src)
 		if err != nil {
 			controlError(w, http.StatusBadRequest, "%v", err)
+			return
+		}
+		if fi.Size() == 0 || fi.Size()%1024 != 0 {
+			// vSphere sizes disks in whole KB (capacityInKB); so does the emulator.
+			controlError(w, http.StatusBadRequest, "%s: size %d is not a positive multiple of 1024", src, fi.Size())
 			return
 		}
 		if err := copySparse(src, d.current()); err != nil {
@@ -415,4 +421,11 @@ func controlExportLayout(w http.ResponseWriter, r *http.Request) {
 	}
 	exportLayout.Store(l)
 	writeJSON(w, map[string]string{"layout": l})
+}
+
+// controlStarHost: ?enabled=1 makes later leases' deviceUrl hosts "*" (0: the real host).
+func controlStarHost(w http.ResponseWriter, r *http.Request) {
+	on := r.URL.Query().Get("enabled") == "1"
+	starHost.Store(on)
+	writeJSON(w, map[string]bool{"star_host": on})
 }

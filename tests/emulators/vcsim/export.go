@@ -55,8 +55,20 @@ type exportLease struct {
 
 var leases sync.Map // lease moref value -> *exportLease
 
-// serverBase is https://127.0.0.1:PORT, set once the listener is up.
-var serverBase string
+// serverBase is https://127.0.0.1:PORT, set once the listener is up; serverThumbprint the
+// SHA-256 thumbprint of its certificate (deviceUrl.sslThumbprint).
+var serverBase, serverThumbprint string
+
+// starHost: deviceUrl URLs name the host "*", as vCenter does when the client is to use
+// the host it connected to (https://*/nfc/...). Off by default.
+var starHost atomic.Value
+
+func nfcBase() string {
+	if on, _ := starHost.Load().(bool); on {
+		return "https://*"
+	}
+	return serverBase
+}
 
 func exportVM(_ *http.Request, m *simulator.Method) (soap.HasFault, *methodFault) {
 	req := m.Body.(*types.ExportVm)
@@ -110,11 +122,12 @@ func exportVM(_ *http.Request, m *simulator.Method) (soap.HasFault, *methodFault
 		}
 		size, _ := d.size()
 		jobs = append(jobs, job{name: name, src: src, sizeKB: size / 1024, url: types.HttpNfcLeaseDeviceUrl{
-			Key:       deviceURLKey(vm, devices, vd),
-			ImportKey: deviceURLKey(vm, devices, vd),
-			Url:       fmt.Sprintf("%s/nfc/%s/%s", serverBase, ref.Value, name),
-			Disk:      types.NewBool(true),
-			TargetId:  name,
+			Key:           deviceURLKey(vm, devices, vd),
+			ImportKey:     deviceURLKey(vm, devices, vd),
+			Url:           fmt.Sprintf("%s/nfc/%s/%s", nfcBase(), ref.Value, name),
+			SslThumbprint: serverThumbprint,
+			Disk:          types.NewBool(true),
+			TargetId:      name,
 		}})
 	}
 

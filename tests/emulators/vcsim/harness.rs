@@ -30,6 +30,7 @@
 //! vc.set_lease_timeout(secs) -> Result<(), String>    HttpNfcLease expiry without progress
 //! vc.set_retrieve_page(objects) -> Result<(), String> page RetrievePropertiesEx at N (0: off)
 //! vc.set_export_layout(ExportLayout::Qemu) -> Result<(), String>  ESXi (default) or qemu-img stream
+//! vc.set_star_host(true) -> Result<(), String>       deviceUrl hosts become "*" (https://*/nfc/...)
 //! vc.fail_folder_after(path, bytes, count) -> Result<(), String>  abort GET after N bytes
 //! vc.fail_folder_status(path, status, count) -> Result<(), String> answer an HTTP error
 //! vc.fail_soap(method, fault, count) -> Result<(), String>  e.g. ("RemoveSnapshot_Task", "SystemError", 1)
@@ -329,6 +330,12 @@ impl Vcsim {
         };
         self.control_ok("POST", &format!("/_rehost/export/layout?layout={l}"), b"")
             .map(|_| ())
+    }
+
+    /// Makes later leases' deviceUrl URLs name the host `*`, as vCenter may.
+    pub fn set_star_host(&self, enabled: bool) -> Result<(), String> {
+        let q = format!("/_rehost/export/star-host?enabled={}", u8::from(enabled));
+        self.control_ok("POST", &q, b"").map(|_| ())
     }
 
     /// The next `count` GETs of `path` (-1: all) abort the connection after `bytes` body bytes.

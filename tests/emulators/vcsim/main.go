@@ -73,7 +73,7 @@ func run(port, controlPort int, certDir, username, password string, vmsPerPool, 
 	}
 	os.Setenv("TMPDIR", scratch)
 
-	cert, _, err := makeCertificates(certDir)
+	cert, thumbprint, err := makeCertificates(certDir)
 	if err != nil {
 		return fmt.Errorf("generating certificates: %w", err)
 	}
@@ -98,6 +98,7 @@ func run(port, controlPort int, certDir, username, password string, vmsPerPool, 
 	model.Service.RegisterEndpoints = true
 	server := model.Service.NewServer()
 	serverBase = "https://" + server.Listener.Addr().String()
+	serverThumbprint = thumbprint
 
 	renumberDisks()
 	store.mu.Lock()

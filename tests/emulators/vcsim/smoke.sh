@@ -244,6 +244,7 @@ r=$(props HttpNfcLease "$lease" info)
 url=$(grep -o '<url>[^<]*' <<<"$r" | sed 's/<url>//')
 expect "deviceUrl key" "$r" "<key>/$vm/"
 expect "deviceUrl disk" "$r" '<disk>true</disk>'
+expect "deviceUrl sslThumbprint" "$r" "<sslThumbprint>$(cat "$work/certs/thumbprint")</sslThumbprint>"
 code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/certs/ca.pem" "$url")
 [[ $code == 401 ]] || fail "NFC download without a session answered $code"
 curl -sS -f -o "$work/export.vmdk" --cacert "$work/certs/ca.pem" -b "$jar" "$url"
