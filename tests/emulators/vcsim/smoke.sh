@@ -8,6 +8,11 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 "$here/build.sh"
+# The emulator's unit tests (CBT bookkeeping, extents, sparse copies) first.
+(cd "$here" && GO111MODULE=off GOPATH=/usr/share/gocode GOFLAGS= go test -count=1 . >/dev/null) || {
+  echo "FAIL: go test in $here" >&2
+  exit 1
+}
 bin="${REHOST_EMULATOR_HOME:-/var/tmp/rehost-emulators}/vcsim/rehost-vcsim"
 
 work=$(mktemp -d /tmp/rehost-vcsim-smoke.XXXXXX)
