@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"sort"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -147,6 +148,7 @@ func controlVMs(w http.ResponseWriter, r *http.Request) {
 				v.Disks = append(v.Disks, describeDisk(d))
 			}
 		}
+		sort.Slice(v.Disks, func(i, j int) bool { return v.Disks[i].Key < v.Disks[j].Key })
 		out = append(out, v)
 	}
 	writeJSON(w, out)
