@@ -212,8 +212,17 @@ grep -q '<changeId>' <<<"$r" && fail "changeId still set with CBT off"
 expect "CBT off" "$(qcda2 "$sa" '*')" 'FileFaultFault'
 cbt true
 expect "changeId from before re-enabling" "$(qcda2 "$sa" "$cida")" 'FileFaultFault'
-task_result "$(soap "<urn:RemoveSnapshot_Task><urn:_this type=\"VirtualMachineSnapshot\">$sa</urn:_this><urn:removeChildren>false</urn:removeChildren></urn:RemoveSnapshot_Task>")" >/dev/null
 ok "CBT off answers FileFault; after re-enabling, earlier changeIds answer FileFault"
+task_result "$(soap "<urn:CreateSnapshot_Task><urn:_this type=\"VirtualMachine\">$vm2</urn:_this><urn:name>b</urn:name><urn:memory>false</urn:memory><urn:quiesce>false</urn:quiesce></urn:CreateSnapshot_Task>")" >/dev/null
+printf 'EEEE' | curl -sS -o /dev/null --data-binary @- "$ctl/_rehost/disk/write?vm=$VM2&key=2000&offset=$((5 * MiB))"
+[[ $(curl -sS "$ctl/_rehost/snapshots?vm=$VM2") == '["a","b"]' ]] || fail "snapshots of $VM2: $(curl -sS "$ctl/_rehost/snapshots?vm=$VM2")"
+task_result "$(soap "<urn:RemoveAllSnapshots_Task><urn:_this type=\"VirtualMachine\">$vm2</urn:_this></urn:RemoveAllSnapshots_Task>")" >/dev/null
+[[ $(curl -sS "$ctl/_rehost/snapshots?vm=$VM2") == "[]" ]] || fail "snapshots left after RemoveAllSnapshots"
+got=$(curl -sS --cacert "$work/certs/ca.pem" -b "$jar" -r $((5 * MiB))-$((5 * MiB + 3)) "$(folder_url $VM2/disk1-flat.vmdk)")
+[[ $got == EEEE ]] || fail "base after RemoveAllSnapshots: '$got'"
+expect "backing after RemoveAllSnapshots" "$(props VirtualMachine "$vm2" config.hardware.device)" "<fileName>[LocalDS_0] $VM2/disk1.vmdk</fileName>"
+ls "$ds/$VM2" | grep -q -- '-delta.vmdk' && fail "delta files left: $(ls "$ds/$VM2")"
+ok "RemoveAllSnapshots consolidates a chain of two into the base"
 
 # --- a PUT through /folder changes the disk's size and capacity
 head -c $((2 * MiB)) /dev/urandom >"$work/put"
