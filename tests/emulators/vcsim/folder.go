@@ -22,6 +22,12 @@ func (h *interceptor) serveFolder(w http.ResponseWriter, r *http.Request) {
 		// A PUT can change a disk's size or content behind our back: re-read after it.
 		store.mu.Lock()
 		defer store.mu.Unlock()
+		if d := store.diskWithSnapshotsOwning(rel); d != nil {
+			// vCenter cannot write a disk file an ESXi host holds locked under a snapshot;
+			// letting it through would also change a frozen base behind the snapshot.
+			http.Error(w, "409 Conflict: "+rel+" belongs to disk "+d.vmName+" which has snapshots", http.StatusConflict)
+			return
+		}
 		h.upstream.ServeHTTP(w, r)
 		_ = store.reconcile()
 		return

@@ -131,7 +131,9 @@ got=$(curl -sS --cacert "$work/certs/ca.pem" -b "$jar" -r 0-3 "$(folder_url $VM/
 [[ $got == AAAA ]] || fail "base flat file changed under a snapshot: '$got'"
 got=$(curl -sS -r 0-3 "$ctl/_rehost/disk?vm=$VM&key=2000")
 [[ $got == BBBB ]] || fail "guest view: '$got'"
-ok "after CreateSnapshot, guest writes go to the delta and /folder serves the frozen base"
+code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/certs/ca.pem" -b "$jar" -T "$work/range" "$(folder_url $VM/disk1-flat.vmdk)")
+[[ $code == 409 ]] || fail "PUT to a frozen base answered $code"
+ok "after CreateSnapshot, guest writes go to the delta, /folder serves the frozen base and refuses PUTs to it"
 r=$(props VirtualMachine "$vm" config.hardware.device)
 expect "VM backing" "$r" "<fileName>[LocalDS_0] $VM/disk1-000001.vmdk</fileName>"
 r=$(props VirtualMachineSnapshot "$s1" config.hardware.device)

@@ -362,3 +362,20 @@ func diskSignature(vm *simulator.VirtualMachine) string {
 	}
 	return sb.String()
 }
+
+// diskWithSnapshotsOwning finds the disk with snapshots one of whose layer files is rel
+// (datastore-relative); the caller holds store.mu.
+func (s *diskStore) diskWithSnapshotsOwning(rel string) *disk {
+	abs := filepath.Join(datastoreDir, filepath.Clean("/"+rel))
+	for _, d := range s.disks {
+		if len(d.chain) == 0 {
+			continue
+		}
+		for i := range d.layers {
+			if d.layerFile(i) == abs {
+				return d
+			}
+		}
+	}
+	return nil
+}
