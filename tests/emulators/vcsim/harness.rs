@@ -20,7 +20,7 @@
 //! vc.vm_names() -> Result<Vec<String>, String>
 //! vc.vms_json() -> Result<String, String>             GET /_rehost/vms (raw JSON)
 //! vc.disk_info_json(vm, key) -> Result<String, String>
-//! vc.flat_path(vm) -> PathBuf                         dir of `<vm>/disk1-flat.vmdk` (the base)
+//! vc.flat_path(vm) -> PathBuf                         path of `<vm>/disk1-flat.vmdk` (the base)
 //! vc.disk_load(vm, key, &Path) -> Result<(), String>  set size and content from a file
 //! vc.disk_write(vm, key, offset, &[u8]) -> Result<(), String>   a guest write
 //! vc.disk_read(vm, key) -> Result<Vec<u8>, String>    the disk as the guest sees it now
