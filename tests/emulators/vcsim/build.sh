@@ -30,6 +30,8 @@ if [[ -x $out && -f $stamp && "$(cat "$stamp")" == "$sum" ]]; then
   exit 0
 fi
 mkdir -p "$home/vcsim"
+# go needs a build cache; CI shells may have no HOME.
+[[ -n ${GOCACHE:-} || -n ${HOME:-} || -n ${XDG_CACHE_HOME:-} ]] || export GOCACHE="$home/vcsim/gocache"
 # GOPATH mode: the package lives outside GOPATH, its imports resolve in Debian's gocode.
 (cd "$src" && GO111MODULE=off GOPATH="$gocode" GOFLAGS= go build -o "$out.tmp" .)
 mv "$out.tmp" "$out"

@@ -6,8 +6,10 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/vmware/govmomi/simulator"
@@ -26,6 +28,9 @@ func newControlMux() http.Handler {
 	mux.HandleFunc("/_rehost/snapshots", controlSnapshots)
 	mux.HandleFunc("/_rehost/cbt/window", post(controlCBTWindow))
 	mux.HandleFunc("/_rehost/lease/timeout", post(controlLeaseTimeout))
+	mux.HandleFunc("/_rehost/retrieve/page", post(controlRetrievePage))
+	mux.HandleFunc("/_rehost/export/layout", post(controlExportLayout))
+	mux.HandleFunc("/_rehost/export/star-host", post(controlStarHost))
 	mux.HandleFunc("/_rehost/fault/folder", post(controlFaultFolder))
 	mux.HandleFunc("/_rehost/fault/soap", post(controlFaultSOAP))
 	mux.HandleFunc("/_rehost/fault/clear", post(func(w http.ResponseWriter, r *http.Request) {
@@ -143,6 +148,7 @@ func controlVMs(w http.ResponseWriter, r *http.Request) {
 				v.Disks = append(v.Disks, describeDisk(d))
 			}
 		}
+		sort.Slice(v.Disks, func(i, j int) bool { return v.Disks[i].Key < v.Disks[j].Key })
 		out = append(out, v)
 	}
 	writeJSON(w, out)
@@ -187,6 +193,11 @@ func controlDiskLoad(w http.ResponseWriter, r *http.Request) {
 		fi, err := os.Stat(src)
 		if err != nil {
 			controlError(w, http.StatusBadRequest, "%v", err)
+			return
+		}
+		if fi.Size() == 0 || fi.Size()%1024 != 0 {
+			// vSphere sizes disks in whole KB (capacityInKB); so does the emulator.
+			controlError(w, http.StatusBadRequest, "%s: size %d is not a positive multiple of 1024", src, fi.Size())
 			return
 		}
 		if err := copySparse(src, d.current()); err != nil {
@@ -389,4 +400,34 @@ func controlPrivileges(w http.ResponseWriter, r *http.Request) {
 		privileges.set(ids)
 	}
 	writeJSON(w, map[string][]string{"denied": privileges.list()})
+}
+
+// controlRetrievePage: ?objects=N pages RetrievePropertiesEx answers at N objects even
+// without maxObjects (0: only when the client asks).
+func controlRetrievePage(w http.ResponseWriter, r *http.Request) {
+	n, err := strconv.ParseInt(r.URL.Query().Get("objects"), 10, 64)
+	if err != nil || n < 0 {
+		controlError(w, http.StatusBadRequest, "objects must be a non-negative integer")
+		return
+	}
+	atomic.StoreInt64(&serverPageObjects, n)
+	writeJSON(w, map[string]int64{"page_objects": n})
+}
+
+// controlExportLayout: ?layout=esxi|qemu for the streamOptimized VMDKs of later exports.
+func controlExportLayout(w http.ResponseWriter, r *http.Request) {
+	l := r.URL.Query().Get("layout")
+	if l != exportLayoutESXi && l != exportLayoutQemu {
+		controlError(w, http.StatusBadRequest, "layout must be esxi or qemu")
+		return
+	}
+	exportLayout.Store(l)
+	writeJSON(w, map[string]string{"layout": l})
+}
+
+// controlStarHost: ?enabled=1 makes later leases' deviceUrl hosts "*" (0: the real host).
+func controlStarHost(w http.ResponseWriter, r *http.Request) {
+	on := r.URL.Query().Get("enabled") == "1"
+	starHost.Store(on)
+	writeJSON(w, map[string]bool{"star_host": on})
 }

@@ -28,6 +28,22 @@ func setLeaseTimeout(d time.Duration) { atomic.StoreInt64(&leaseTimeoutNanos, in
 
 var leaseCounter int64
 
+// The streamOptimized layout ExportVm serves: ESXi's (GD at the end, footer, EOS marker),
+// as a real vCenter streams, or qemu-img's (GD offset in the header, no footer).
+const (
+	exportLayoutESXi = "esxi"
+	exportLayoutQemu = "qemu"
+)
+
+var exportLayout atomic.Value
+
+func getExportLayout() string {
+	if v, ok := exportLayout.Load().(string); ok {
+		return v
+	}
+	return exportLayoutESXi
+}
+
 // exportLease is an HttpNfcLease for ExportVm; upstream's dispatcher calls its methods by
 // reflection and its property collector reads the embedded mo.HttpNfcLease.
 type exportLease struct {
@@ -39,8 +55,20 @@ type exportLease struct {
 
 var leases sync.Map // lease moref value -> *exportLease
 
-// serverBase is https://127.0.0.1:PORT, set once the listener is up.
-var serverBase string
+// serverBase is https://127.0.0.1:PORT, set once the listener is up; serverThumbprint the
+// SHA-256 thumbprint of its certificate (deviceUrl.sslThumbprint).
+var serverBase, serverThumbprint string
+
+// starHost: deviceUrl URLs name the host "*", as vCenter does when the client is to use
+// the host it connected to (https://*/nfc/...). Off by default.
+var starHost atomic.Value
+
+func nfcBase() string {
+	if on, _ := starHost.Load().(bool); on {
+		return "https://*"
+	}
+	return serverBase
+}
 
 func exportVM(_ *http.Request, m *simulator.Method) (soap.HasFault, *methodFault) {
 	req := m.Body.(*types.ExportVm)
@@ -94,22 +122,31 @@ func exportVM(_ *http.Request, m *simulator.Method) (soap.HasFault, *methodFault
 		}
 		size, _ := d.size()
 		jobs = append(jobs, job{name: name, src: src, sizeKB: size / 1024, url: types.HttpNfcLeaseDeviceUrl{
-			Key:       deviceURLKey(vm, devices, vd),
-			ImportKey: deviceURLKey(vm, devices, vd),
-			Url:       fmt.Sprintf("%s/nfc/%s/%s", serverBase, ref.Value, name),
-			Disk:      types.NewBool(true),
-			TargetId:  name,
+			Key:           deviceURLKey(vm, devices, vd),
+			ImportKey:     deviceURLKey(vm, devices, vd),
+			Url:           fmt.Sprintf("%s/nfc/%s/%s", nfcBase(), ref.Value, name),
+			SslThumbprint: serverThumbprint,
+			Disk:          types.NewBool(true),
+			TargetId:      name,
 		}})
 	}
 
+	layout := getExportLayout()
 	go func() {
 		info := &types.HttpNfcLeaseInfo{Lease: ref, Entity: vm.Self, LeaseTimeout: int32(getLeaseTimeout() / time.Second)}
 		for _, j := range jobs {
 			out := filepath.Join(dir, j.name)
-			cmd := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", j.src, out)
-			if msg, err := cmd.CombinedOutput(); err != nil {
-				lease.fail(&types.SystemError{Reason: fmt.Sprintf("qemu-img convert: %v: %s", err, strings.TrimSpace(string(msg)))})
-				return
+			if layout == exportLayoutESXi {
+				if err := writeESXiStream(j.src, out); err != nil {
+					lease.fail(&types.SystemError{Reason: fmt.Sprintf("writing the stream: %v", err)})
+					return
+				}
+			} else {
+				cmd := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", j.src, out)
+				if msg, err := cmd.CombinedOutput(); err != nil {
+					lease.fail(&types.SystemError{Reason: fmt.Sprintf("qemu-img convert: %v: %s", err, strings.TrimSpace(string(msg)))})
+					return
+				}
 			}
 			_ = os.Remove(j.src)
 			fi, err := os.Stat(out)

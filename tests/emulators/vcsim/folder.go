@@ -2,7 +2,6 @@ package main
 
 import (
 	"net/http"
-	"net/url"
 	"strings"
 )
 
@@ -18,14 +17,17 @@ func (h *interceptor) serveFolder(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "403 Forbidden: missing privilege "+folderPrivilege(r.Method), http.StatusForbidden)
 		return
 	}
-	rel, err := url.PathUnescape(strings.TrimPrefix(r.URL.Path, "/folder/"))
-	if err != nil {
-		rel = strings.TrimPrefix(r.URL.Path, "/folder/")
-	}
+	rel := strings.TrimPrefix(r.URL.Path, "/folder/") // already percent-decoded by net/http
 	if r.Method == http.MethodPut || r.Method == http.MethodPost {
 		// A PUT can change a disk's size or content behind our back: re-read after it.
 		store.mu.Lock()
 		defer store.mu.Unlock()
+		if d := store.diskWithSnapshotsOwning(rel); d != nil {
+			// vCenter cannot write a disk file an ESXi host holds locked under a snapshot;
+			// letting it through would also change a frozen base behind the snapshot.
+			http.Error(w, "409 Conflict: "+rel+" belongs to disk "+d.vmName+" which has snapshots", http.StatusConflict)
+			return
+		}
 		h.upstream.ServeHTTP(w, r)
 		_ = store.reconcile()
 		return

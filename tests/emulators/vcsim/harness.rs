@@ -20,7 +20,7 @@
 //! vc.vm_names() -> Result<Vec<String>, String>
 //! vc.vms_json() -> Result<String, String>             GET /_rehost/vms (raw JSON)
 //! vc.disk_info_json(vm, key) -> Result<String, String>
-//! vc.flat_path(vm) -> PathBuf                         dir of `<vm>/disk1-flat.vmdk` (the base)
+//! vc.flat_path(vm) -> PathBuf                         path of `<vm>/disk1-flat.vmdk` (the base)
 //! vc.disk_load(vm, key, &Path) -> Result<(), String>  set size and content from a file
 //! vc.disk_write(vm, key, offset, &[u8]) -> Result<(), String>   a guest write
 //! vc.disk_read(vm, key) -> Result<Vec<u8>, String>    the disk as the guest sees it now
@@ -28,6 +28,9 @@
 //! vc.snapshots(vm) -> Result<Vec<String>, String>     snapshot names (leftover checks)
 //! vc.set_cbt_window(bytes) -> Result<(), String>      QueryChangedDiskAreas chunk size
 //! vc.set_lease_timeout(secs) -> Result<(), String>    HttpNfcLease expiry without progress
+//! vc.set_retrieve_page(objects) -> Result<(), String> page RetrievePropertiesEx at N (0: off)
+//! vc.set_export_layout(ExportLayout::Qemu) -> Result<(), String>  ESXi (default) or qemu-img stream
+//! vc.set_star_host(true) -> Result<(), String>       deviceUrl hosts become "*" (https://*/nfc/...)
 //! vc.fail_folder_after(path, bytes, count) -> Result<(), String>  abort GET after N bytes
 //! vc.fail_folder_status(path, status, count) -> Result<(), String> answer an HTTP error
 //! vc.fail_soap(method, fault, count) -> Result<(), String>  e.g. ("RemoveSnapshot_Task", "SystemError", 1)
@@ -57,6 +60,15 @@ pub enum PowerState {
     On,
     Off,
     Suspended,
+}
+
+/// The streamOptimized layout ExportVm serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportLayout {
+    /// ESXi's: GD at the end (`gdOffset` = GD_AT_END), footer and end-of-stream marker.
+    Esxi,
+    /// qemu-img's: GD offset in the header, no footer.
+    Qemu,
 }
 
 /// A running rehost-vcsim; killed and its directory removed on Drop.
@@ -298,6 +310,32 @@ impl Vcsim {
             b"",
         )
         .map(|_| ())
+    }
+
+    /// Pages RetrievePropertiesEx answers at `objects` even without maxObjects (0: off).
+    pub fn set_retrieve_page(&self, objects: u32) -> Result<(), String> {
+        self.control_ok(
+            "POST",
+            &format!("/_rehost/retrieve/page?objects={objects}"),
+            b"",
+        )
+        .map(|_| ())
+    }
+
+    /// Sets the layout of the streamOptimized VMDKs later exports serve.
+    pub fn set_export_layout(&self, layout: ExportLayout) -> Result<(), String> {
+        let l = match layout {
+            ExportLayout::Esxi => "esxi",
+            ExportLayout::Qemu => "qemu",
+        };
+        self.control_ok("POST", &format!("/_rehost/export/layout?layout={l}"), b"")
+            .map(|_| ())
+    }
+
+    /// Makes later leases' deviceUrl URLs name the host `*`, as vCenter may.
+    pub fn set_star_host(&self, enabled: bool) -> Result<(), String> {
+        let q = format!("/_rehost/export/star-host?enabled={}", u8::from(enabled));
+        self.control_ok("POST", &q, b"").map(|_| ())
     }
 
     /// The next `count` GETs of `path` (-1: all) abort the connection after `bytes` body bytes.

@@ -53,6 +53,13 @@ func (h *interceptor) validSession(r *http.Request) bool {
 	return rec.Code == http.StatusOK
 }
 
+// sessionRequired are the methods upstream answers without a session though vCenter
+// answers NotAuthenticated (it lets only RetrieveServiceContent and the logins through).
+var sessionRequired = map[string]bool{
+	"RetrieveProperties": true, "RetrievePropertiesEx": true, "ContinueRetrievePropertiesEx": true,
+	"Fetch": true, "List": true,
+}
+
 // unlockedMethods may block (long polls) and touch no disk, so they skip the store lock.
 var unlockedMethods = map[string]bool{
 	"WaitForUpdates": true, "WaitForUpdatesEx": true, "CheckForUpdates": true,
@@ -63,6 +70,12 @@ func (h *interceptor) serveSOAP(w http.ResponseWriter, r *http.Request) {
 	_ = r.Body.Close()
 	if err != nil {
 		http.Error(w, "reading body: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	if name := soapMethodName(body); sessionRequired[name] && !h.validSession(r) {
+		// Upstream lets these through without a session (answering empty objects);
+		// vCenter refuses them.
+		writeFault(w, "The session is not authenticated.", &types.NotAuthenticated{NoPermission: types.NoPermission{PrivilegeId: "System.View"}})
 		return
 	}
 	method, err := simulator.UnmarshalBody(types.TypeFunc(), body)
@@ -77,7 +90,7 @@ func (h *interceptor) serveSOAP(w http.ResponseWriter, r *http.Request) {
 		writeFault(w, f.msg, f.fault)
 		return
 	}
-	if priv := privileges.deniedFor(method.Name); priv != "" {
+	if priv := privileges.deniedFor(method.Name); priv != "" && h.validSession(r) {
 		writeFault(w, "Permission to perform this operation was denied.", &types.NoPermission{Object: method.This, PrivilegeId: priv})
 		return
 	}
@@ -113,9 +126,12 @@ func (h *interceptor) serveSOAP(w http.ResponseWriter, r *http.Request) {
 	if err := store.reconcile(); err != nil {
 		logf("reconcile before %s: %v", method.Name, err)
 	}
-	if method.Name == "RemoveSnapshot_Task" {
+	switch method.Name {
+	case "RemoveSnapshot_Task":
 		h.forwardRemoveSnapshot(w, r, method)
-	} else {
+	case "RetrievePropertiesEx":
+		h.retrievePaged(w, r, method)
+	default:
 		h.forward(w, r, method.Name)
 	}
 	if err := store.reconcile(); err != nil {
@@ -189,9 +205,5 @@ func (h *interceptor) forwardRemoveSnapshot(w http.ResponseWriter, r *http.Reque
 			})
 		}
 	}
-	for k, v := range rec.Header() {
-		w.Header()[k] = v
-	}
-	w.WriteHeader(rec.Code)
-	_, _ = w.Write(rec.Body.Bytes())
+	copyRecorded(w, rec)
 }

@@ -40,17 +40,18 @@ func main() {
 	vmsPerPool := flag.Int("vms", 2, "VMs per host/resource pool (the default model has 2 x 2 = 4 VMs)")
 	clusterHosts := flag.Int("cluster-hosts", 3, "hosts in the cluster")
 	hosts := flag.Int("hosts", 1, "standalone hosts")
+	disks := flag.Int("disks", 1, "disks per VM (keys 2000, 2001, ...; 64 MiB each)")
 	flag.BoolVar(&verbose, "verbose", false, "log emulator decisions to stderr")
 	trace := flag.Bool("trace", false, "write SOAP traffic to stderr")
 	flag.Parse()
 
-	if err := run(*port, *controlPort, *certDir, *username, *password, *vmsPerPool, *clusterHosts, *hosts, *trace); err != nil {
+	if err := run(*port, *controlPort, *certDir, *username, *password, *vmsPerPool, *clusterHosts, *hosts, *disks, *trace); err != nil {
 		fmt.Fprintf(os.Stderr, "rehost-vcsim: %v\n", err)
 		os.Exit(1)
 	}
 }
 
-func run(port, controlPort int, certDir, username, password string, vmsPerPool, clusterHosts, hosts int, trace bool) error {
+func run(port, controlPort int, certDir, username, password string, vmsPerPool, clusterHosts, hosts, disks int, trace bool) error {
 	if datastoreDir == "" {
 		return fmt.Errorf("--datastore-dir is required")
 	}
@@ -73,7 +74,7 @@ func run(port, controlPort int, certDir, username, password string, vmsPerPool, 
 	}
 	os.Setenv("TMPDIR", scratch)
 
-	cert, _, err := makeCertificates(certDir)
+	cert, thumbprint, err := makeCertificates(certDir)
 	if err != nil {
 		return fmt.Errorf("generating certificates: %w", err)
 	}
@@ -98,7 +99,11 @@ func run(port, controlPort int, certDir, username, password string, vmsPerPool, 
 	model.Service.RegisterEndpoints = true
 	server := model.Service.NewServer()
 	serverBase = "https://" + server.Listener.Addr().String()
+	serverThumbprint = thumbprint
 
+	if err := addDisks(serverBase+"/sdk", model.Service.Listen.User, disks); err != nil {
+		return err
+	}
 	renumberDisks()
 	store.mu.Lock()
 	err = store.reconcile()

@@ -25,6 +25,8 @@ func init() {
 		"HasPrivilegeOnEntity":         hasPrivilegeOnEntity,
 		"HasUserPrivilegeOnEntities":   hasUserPrivilegeOnEntities,
 		"FetchUserPrivilegeOnEntities": fetchUserPrivilegeOnEntities,
+		"ContinueRetrievePropertiesEx": continueRetrieve,
+		"CancelRetrievePropertiesEx":   cancelRetrieve,
 	}
 }
 

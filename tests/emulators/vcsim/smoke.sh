@@ -8,6 +8,11 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 "$here/build.sh"
+# The emulator's unit tests (CBT bookkeeping, extents, sparse copies) first.
+(cd "$here" && GO111MODULE=off GOPATH=/usr/share/gocode GOFLAGS= go test -count=1 . >/dev/null) || {
+  echo "FAIL: go test in $here" >&2
+  exit 1
+}
 bin="${REHOST_EMULATOR_HOME:-/var/tmp/rehost-emulators}/vcsim/rehost-vcsim"
 
 work=$(mktemp -d /tmp/rehost-vcsim-smoke.XXXXXX)
@@ -76,6 +81,9 @@ ok "wrong password answers InvalidLogin"
 code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/certs/ca.pem" "$(folder_url $VM/disk1-flat.vmdk)")
 [[ $code == 401 ]] || fail "/folder without a session answered $code"
 ok "/folder without a session cookie answers 401"
+r=$(soap "<urn:RetrievePropertiesEx><urn:_this type=\"PropertyCollector\">propertyCollector</urn:_this><urn:specSet><urn:propSet><urn:type>VirtualMachine</urn:type><urn:pathSet>name</urn:pathSet></urn:propSet><urn:objectSet><urn:obj type=\"VirtualMachine\">$vm</urn:obj></urn:objectSet></urn:specSet><urn:options/></urn:RetrievePropertiesEx>")
+expect "RetrievePropertiesEx without a session" "$r" 'NotAuthenticated'
+ok "RetrievePropertiesEx without a session answers NotAuthenticated"
 r=$(soap '<urn:Login><urn:_this type="SessionManager">SessionManager</urn:_this><urn:userName>user</urn:userName><urn:password>pass</urn:password></urn:Login>')
 expect "login" "$r" '<userName>user</userName>'
 ok "login sets a session"
@@ -84,6 +92,17 @@ expect "ranged GET" "$r" '206'
 expect "ranged GET" "$r" 'Content-Range: bytes 1024-2047/67108864'
 [[ $(stat -c %s "$work/range") == 1024 ]] || fail "ranged GET size"
 ok "/folder ranged GET answers 206 with Content-Range on a 64 MiB default disk"
+
+objsets=$(curl -sS "$ctl/_rehost/vms" | json "''.join('<urn:objectSet><urn:obj type=\"VirtualMachine\">%s</urn:obj></urn:objectSet>' % v['moref'] for v in d)")
+r=$(soap "<urn:RetrievePropertiesEx><urn:_this type=\"PropertyCollector\">propertyCollector</urn:_this><urn:specSet><urn:propSet><urn:type>VirtualMachine</urn:type><urn:pathSet>name</urn:pathSet></urn:propSet>$objsets</urn:specSet><urn:options><urn:maxObjects>3</urn:maxObjects></urn:options></urn:RetrievePropertiesEx>")
+[[ $(grep -o '<objects>' <<<"$r" | wc -l) == 3 ]] || fail "first page: $r"
+token=$(grep -o '<token>[^<]*' <<<"$r" | sed 's/<token>//')
+[[ -n $token ]] || fail "no token: $r"
+r=$(soap "<urn:ContinueRetrievePropertiesEx><urn:_this type=\"PropertyCollector\">propertyCollector</urn:_this><urn:token>$token</urn:token></urn:ContinueRetrievePropertiesEx>")
+[[ $(grep -o '<objects>' <<<"$r" | wc -l) == 1 ]] || fail "second page: $r"
+grep -q '<token>' <<<"$r" && fail "token on the last page"
+expect "used token" "$(soap "<urn:ContinueRetrievePropertiesEx><urn:_this type=\"PropertyCollector\">propertyCollector</urn:_this><urn:token>$token</urn:token></urn:ContinueRetrievePropertiesEx>")" 'InvalidArgument'
+ok "RetrievePropertiesEx pages at maxObjects with a token for ContinueRetrievePropertiesEx"
 
 r=$(soap "<urn:Fetch><urn:_this type=\"VirtualMachine\">$vm</urn:_this><urn:prop>snapshot</urn:prop></urn:Fetch>")
 expect "Fetch of unset snapshot" "$r" $'</soapenv:Envelope>\n200'
@@ -112,7 +131,9 @@ got=$(curl -sS --cacert "$work/certs/ca.pem" -b "$jar" -r 0-3 "$(folder_url $VM/
 [[ $got == AAAA ]] || fail "base flat file changed under a snapshot: '$got'"
 got=$(curl -sS -r 0-3 "$ctl/_rehost/disk?vm=$VM&key=2000")
 [[ $got == BBBB ]] || fail "guest view: '$got'"
-ok "after CreateSnapshot, guest writes go to the delta and /folder serves the frozen base"
+code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/certs/ca.pem" -b "$jar" -T "$work/range" "$(folder_url $VM/disk1-flat.vmdk)")
+[[ $code == 409 ]] || fail "PUT to a frozen base answered $code"
+ok "after CreateSnapshot, guest writes go to the delta, /folder serves the frozen base and refuses PUTs to it"
 r=$(props VirtualMachine "$vm" config.hardware.device)
 expect "VM backing" "$r" "<fileName>[LocalDS_0] $VM/disk1-000001.vmdk</fileName>"
 r=$(props VirtualMachineSnapshot "$s1" config.hardware.device)
@@ -193,8 +214,17 @@ grep -q '<changeId>' <<<"$r" && fail "changeId still set with CBT off"
 expect "CBT off" "$(qcda2 "$sa" '*')" 'FileFaultFault'
 cbt true
 expect "changeId from before re-enabling" "$(qcda2 "$sa" "$cida")" 'FileFaultFault'
-task_result "$(soap "<urn:RemoveSnapshot_Task><urn:_this type=\"VirtualMachineSnapshot\">$sa</urn:_this><urn:removeChildren>false</urn:removeChildren></urn:RemoveSnapshot_Task>")" >/dev/null
 ok "CBT off answers FileFault; after re-enabling, earlier changeIds answer FileFault"
+task_result "$(soap "<urn:CreateSnapshot_Task><urn:_this type=\"VirtualMachine\">$vm2</urn:_this><urn:name>b</urn:name><urn:memory>false</urn:memory><urn:quiesce>false</urn:quiesce></urn:CreateSnapshot_Task>")" >/dev/null
+printf 'EEEE' | curl -sS -o /dev/null --data-binary @- "$ctl/_rehost/disk/write?vm=$VM2&key=2000&offset=$((5 * MiB))"
+[[ $(curl -sS "$ctl/_rehost/snapshots?vm=$VM2") == '["a","b"]' ]] || fail "snapshots of $VM2: $(curl -sS "$ctl/_rehost/snapshots?vm=$VM2")"
+task_result "$(soap "<urn:RemoveAllSnapshots_Task><urn:_this type=\"VirtualMachine\">$vm2</urn:_this></urn:RemoveAllSnapshots_Task>")" >/dev/null
+[[ $(curl -sS "$ctl/_rehost/snapshots?vm=$VM2") == "[]" ]] || fail "snapshots left after RemoveAllSnapshots"
+got=$(curl -sS --cacert "$work/certs/ca.pem" -b "$jar" -r $((5 * MiB))-$((5 * MiB + 3)) "$(folder_url $VM2/disk1-flat.vmdk)")
+[[ $got == EEEE ]] || fail "base after RemoveAllSnapshots: '$got'"
+expect "backing after RemoveAllSnapshots" "$(props VirtualMachine "$vm2" config.hardware.device)" "<fileName>[LocalDS_0] $VM2/disk1.vmdk</fileName>"
+ls "$ds/$VM2" | grep -q -- '-delta.vmdk' && fail "delta files left: $(ls "$ds/$VM2")"
+ok "RemoveAllSnapshots consolidates a chain of two into the base"
 
 # --- a PUT through /folder changes the disk's size and capacity
 head -c $((2 * MiB)) /dev/urandom >"$work/put"
@@ -223,11 +253,14 @@ export_lease() {
   done
   expect "lease ready" "$st" '>ready<'
 }
+for layout in qemu esxi; do
+curl -sS -o /dev/null -X POST "$ctl/_rehost/export/layout?layout=$layout"
 export_lease
 r=$(props HttpNfcLease "$lease" info)
 url=$(grep -o '<url>[^<]*' <<<"$r" | sed 's/<url>//')
 expect "deviceUrl key" "$r" "<key>/$vm/"
 expect "deviceUrl disk" "$r" '<disk>true</disk>'
+expect "deviceUrl sslThumbprint" "$r" "<sslThumbprint>$(cat "$work/certs/thumbprint")</sslThumbprint>"
 code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/certs/ca.pem" "$url")
 [[ $code == 401 ]] || fail "NFC download without a session answered $code"
 curl -sS -f -o "$work/export.vmdk" --cacert "$work/certs/ca.pem" -b "$jar" "$url"
@@ -235,6 +268,13 @@ size=$(grep -o '<fileSize>[^<]*' <<<"$r" | sed 's/<fileSize>//')
 [[ $(stat -c %s "$work/export.vmdk") == "$size" ]] || fail "fileSize $size vs download"
 qemu-img check -q -f vmdk "$work/export.vmdk" || fail "qemu-img check"
 qemu-img info "$work/export.vmdk" | grep -q 'create type: streamOptimized' || fail "not streamOptimized"
+gd=$(od -An -t u8 -j 56 -N 8 "$work/export.vmdk" | tr -d ' ')
+if [[ $layout == esxi ]]; then
+  [[ $gd == 18446744073709551615 ]] || fail "ESXi layout: gdOffset $gd is not GD_AT_END"
+  [[ $(od -An -t u4 -j $(($(stat -c %s "$work/export.vmdk") - 512 + 12)) -N 4 "$work/export.vmdk" | tr -d ' ') == 0 ]] || fail "no EOS marker"
+else
+  [[ $gd != 18446744073709551615 ]] || fail "qemu layout: gdOffset is GD_AT_END"
+fi
 curl -sS -o "$work/disk.raw" "$ctl/_rehost/disk?vm=$VM&key=2000"
 qemu-img compare -q -f vmdk -F raw "$work/export.vmdk" "$work/disk.raw" || fail "qemu-img compare"
 r=$(soap "<urn:HttpNfcLeaseProgress><urn:_this type=\"HttpNfcLease\">$lease</urn:_this><urn:percent>50</urn:percent></urn:HttpNfcLeaseProgress>")
@@ -244,15 +284,16 @@ expect "complete" "$r" 'HttpNfcLeaseCompleteResponse'
 expect "state done" "$(props HttpNfcLease "$lease" state)" '>done<'
 code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/certs/ca.pem" -b "$jar" "$url")
 [[ $code == 404 ]] || fail "download after Complete answered $code"
-ok "ExportVm of a powered-off VM serves a streamOptimized VMDK equal to the disk (qemu-img check + compare)"
+ok "ExportVm ($layout layout) of a powered-off VM serves a streamOptimized VMDK equal to the disk (qemu-img check + compare)"
+done
 
-curl -sS -o /dev/null -X POST "$ctl/_rehost/lease/timeout?seconds=1"
+curl -sS -o /dev/null -X POST "$ctl/_rehost/lease/timeout?seconds=2"
 export_lease
-sleep 0.6
+sleep 1.2
 soap "<urn:HttpNfcLeaseProgress><urn:_this type=\"HttpNfcLease\">$lease</urn:_this><urn:percent>10</urn:percent></urn:HttpNfcLeaseProgress>" >/dev/null
-sleep 0.6
+sleep 1.2 # past the first deadline: only the progress call keeps the lease
 expect "kept alive" "$(props HttpNfcLease "$lease" state)" '>ready<'
-sleep 1.5
+sleep 3
 expect "expired" "$(props HttpNfcLease "$lease" state)" '>error<'
 url=$(grep -o '<url>[^<]*' <<<"$(props HttpNfcLease "$lease" info)" | sed 's/<url>//')
 code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/certs/ca.pem" -b "$jar" "${url:-$base/nfc/$lease/disk-0.vmdk}")

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 
 	"github.com/vmware/govmomi/simulator"
@@ -93,6 +94,16 @@ func (s *diskStore) reconcileVM(vm *simulator.VirtualMachine) error {
 	if vm.Config == nil {
 		return nil
 	}
+	before := diskSignature(vm)
+	defer func() {
+		// Tell property collectors (WaitForUpdatesEx listeners) when a disk's backing or
+		// capacity changed, as upstream does for its own device changes.
+		if diskSignature(vm) != before {
+			simulator.Map.Update(vm, []types.PropertyChange{
+				{Name: "config.hardware.device", Val: []types.BaseVirtualDevice(vm.Config.Hardware.Device)},
+			})
+		}
+	}()
 	cbtOn := vm.Config.ChangeTrackingEnabled != nil && *vm.Config.ChangeTrackingEnabled
 	chain := snapshotChain(vm)
 	present := map[types.ManagedObjectReference]bool{}
@@ -333,4 +344,38 @@ func renumberDisks() {
 			}
 		})
 	}
+}
+
+// diskSignature summarises what reconcile may change in a VM's disks.
+func diskSignature(vm *simulator.VirtualMachine) string {
+	var sb strings.Builder
+	for _, dev := range vm.Config.Hardware.Device {
+		vd, ok := dev.(*types.VirtualDisk)
+		if !ok {
+			continue
+		}
+		fmt.Fprintf(&sb, "%d:%d", vd.Key, vd.CapacityInBytes)
+		if b, ok := vd.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
+			fmt.Fprintf(&sb, ":%s:%s", b.FileName, b.ChangeId)
+		}
+		sb.WriteByte(';')
+	}
+	return sb.String()
+}
+
+// diskWithSnapshotsOwning finds the disk with snapshots one of whose layer files is rel
+// (datastore-relative); the caller holds store.mu.
+func (s *diskStore) diskWithSnapshotsOwning(rel string) *disk {
+	abs := filepath.Join(datastoreDir, filepath.Clean("/"+rel))
+	for _, d := range s.disks {
+		if len(d.chain) == 0 {
+			continue
+		}
+		for i := range d.layers {
+			if d.layerFile(i) == abs {
+				return d
+			}
+		}
+	}
+	return nil
 }
