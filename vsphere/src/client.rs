@@ -186,6 +186,11 @@ impl Client {
         &self.inner.url
     }
 
+    /// The user name logged in with.
+    pub fn username(&self) -> &str {
+        &self.inner.username
+    }
+
     /// How many times this client logged in; changes when the session was renewed.
     pub(crate) fn session_generation(&self) -> u64 {
         self.inner.logins.load(Ordering::SeqCst)

@@ -11,6 +11,7 @@ pub mod client;
 pub mod datastore;
 pub mod error;
 pub mod inventory;
+pub mod privileges;
 pub mod snapshot;
 pub mod soap;
 pub mod source;

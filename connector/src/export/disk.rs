@@ -96,8 +96,12 @@ fn write_blocking(
     mut rx: tokio::sync::mpsc::Receiver<Extent>,
     bar: &indicatif::ProgressBar,
 ) -> Result<DiskWritten> {
-    // A streamOptimized image is at most the disk plus its grain tables and markers.
-    let size_hint = capacity + capacity / 64 + (1 << 20);
+    // An upload's part size is chosen before the first byte, from the largest the image can be.
+    let size_hint = rehost_diskimage::write::max_stream_bytes(
+        rehost_diskimage::write::OutputFormat::VmdkStream,
+        capacity,
+    )
+    .unwrap_or(capacity.saturating_mul(2));
     let out = SharedOut::new(job.target.create(&job.image, size_hint, &job.handle)?);
     let link = job.parent.as_ref().map(|p| ParentLink {
         relative_path: p.entry.image.clone(),

@@ -101,10 +101,7 @@ impl Target {
                     bucket: bucket.clone(),
                     key: format!("{prefix}{name}"),
                 };
-                let options = rehost_importer::s3::MultipartWriterOptions {
-                    max_object_bytes: size_hint,
-                    ..Default::default()
-                };
+                let options = rehost_importer::s3::MultipartWriterOptions::new(size_hint);
                 let writer = rehost_importer::s3::MultipartWriter::create(
                     clients,
                     &url,
