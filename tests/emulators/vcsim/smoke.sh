@@ -18,7 +18,10 @@ bin="${REHOST_EMULATOR_HOME:-/var/tmp/rehost-emulators}/vcsim/rehost-vcsim"
 work=$(mktemp -d /tmp/rehost-vcsim-smoke.XXXXXX)
 pid=""
 cleanup() {
-  [[ -n $pid ]] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+  if [[ -n $pid ]]; then
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT
