@@ -14,7 +14,8 @@ use rehost_core::{
     VmId,
 };
 use rehost_vsphere::{
-    Client, ConnectOptions, DatastoreFile, Error, MoRef, Password, Tls, VsphereSource,
+    Client, ConnectOptions, DatastoreFile, Error, ExportOptions, MoRef, Password, Tls,
+    VsphereSource,
 };
 use vcsim::Vcsim;
 
@@ -422,4 +423,74 @@ async fn removing_a_snapshot_that_is_gone_is_ok_and_unknown_vm_is_not_found() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
+}
+
+#[tokio::test]
+async fn export_is_refused_while_powered_on_and_served_after_power_off() {
+    let vc = start();
+    let client = connect(&vc).await;
+    let name = "DC0_H0_VM1";
+    let vm = client.find_vm(name).await.unwrap().moref;
+    let err = client.export_vm(&vm).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidPowerState { .. }), "{err}");
+    assert!(err.to_string().contains("poweredOn"), "{err}");
+
+    vc.disk_write(name, DISK_KEY, 3 * MIB, b"exported bytes")
+        .unwrap();
+    vc.set_power(name, vcsim::PowerState::Off).unwrap();
+    // Leases expire after 1 s without progress; the keep-alive calls every 200 ms.
+    vc.set_lease_timeout(1.0).unwrap();
+    let lease = client
+        .export_vm_with(
+            &vm,
+            ExportOptions {
+                keepalive_interval: Duration::from_millis(200),
+                ..ExportOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    let urls = lease.disk_urls().unwrap();
+    assert_eq!(urls.len(), 1);
+    assert!(
+        urls[0].1.as_str().starts_with(&vc.base_url),
+        "{}",
+        urls[0].1
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(client.lease_state(lease.moref()).await.unwrap(), "ready");
+
+    let mut stream = Box::pin(lease.download(&urls[0].1).await.unwrap());
+    let mut vmdk = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        vmdk.extend_from_slice(&chunk.unwrap());
+    }
+    lease.set_progress(100);
+    let moref = lease.moref().clone();
+    lease.complete().await.unwrap();
+    assert_eq!(client.lease_state(&moref).await.unwrap(), "done");
+
+    // The stream is a streamOptimized VMDK of the disk.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk-0.vmdk");
+    std::fs::write(&path, &vmdk).unwrap();
+    let disk = rehost_diskimage::Disk::open(path.to_str().unwrap()).unwrap();
+    assert_eq!(disk.virtual_size(), 64 * MIB);
+    let mut buf = vec![0u8; 14];
+    disk.read_at(&mut buf, 3 * MIB).unwrap();
+    assert_eq!(&buf, b"exported bytes");
+
+    // A lease dropped without complete() is aborted.
+    let dropped = client.export_vm(&vm).await.unwrap();
+    let moref = dropped.moref().clone();
+    drop(dropped);
+    let mut state = String::new();
+    for _ in 0..50 {
+        state = client.lease_state(&moref).await.unwrap();
+        if state == "error" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state, "error");
 }

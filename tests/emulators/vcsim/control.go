@@ -337,7 +337,7 @@ func controlLeaseTimeout(w http.ResponseWriter, r *http.Request) {
 // &count=K failures (default 1, -1 = always).
 func controlFaultFolder(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	f := &folderFault{path: strings.TrimPrefix(q.Get("path"), "/"), remaining: 1}
+	f := &folderFault{path: strings.TrimPrefix(q.Get("path"), "/"), remaining: 1, afterBytes: -1}
 	if f.path == "" {
 		controlError(w, http.StatusBadRequest, "path is required")
 		return
@@ -348,6 +348,15 @@ func controlFaultFolder(w http.ResponseWriter, r *http.Request) {
 			controlError(w, http.StatusBadRequest, "bad after %q", s)
 			return
 		}
+	}
+	if s := q.Get("delay_ms"); s != "" {
+		if f.delayMs, err = strconv.Atoi(s); err != nil || f.delayMs < 0 {
+			controlError(w, http.StatusBadRequest, "bad delay_ms %q", s)
+			return
+		}
+	}
+	if f.afterBytes < 0 && f.delayMs == 0 && q.Get("status") == "" {
+		f.afterBytes = 0 // a bare fault aborts at once, as before
 	}
 	if s := q.Get("status"); s != "" {
 		if f.status, err = strconv.Atoi(s); err != nil || f.status < 400 || f.status > 599 {
@@ -362,7 +371,7 @@ func controlFaultFolder(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	faults.addFolder(f)
-	writeJSON(w, map[string]interface{}{"path": f.path, "after": f.afterBytes, "status": f.status, "count": f.remaining})
+	writeJSON(w, map[string]interface{}{"path": f.path, "after": f.afterBytes, "delay_ms": f.delayMs, "status": f.status, "count": f.remaining})
 }
 
 // controlFaultSOAP: ?method=RemoveSnapshot_Task&fault=SystemError&count=1.

@@ -16,10 +16,12 @@ type faultTable struct {
 }
 
 // folderFault makes GETs of one datastore file fail: either abort the connection after
-// afterBytes body bytes (a reset mid-download), or answer status straight away.
+// afterBytes body bytes (a reset mid-download), or answer status straight away; or just
+// slows them down by delayMs (a slow datastore, so a test can interrupt an export).
 type folderFault struct {
 	path       string // datastore-relative, e.g. DC0_H0_VM0/disk1-flat.vmdk
-	afterBytes int64
+	afterBytes int64  // <0: do not abort
+	delayMs    int
 	status     int // 0: abort the connection; otherwise the HTTP status to answer
 	remaining  int // how many more requests fail; <0 means all
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"net/http"
 	"strings"
+	"time"
 )
 
 // serveFolder guards upstream's datastore file access like vCenter: no valid session
@@ -39,7 +40,12 @@ func (h *interceptor) serveFolder(w http.ResponseWriter, r *http.Request) {
 				http.Error(w, "injected failure", f.status)
 				return
 			}
-			w = &abortingWriter{ResponseWriter: w, limit: f.afterBytes}
+			if f.delayMs > 0 {
+				time.Sleep(time.Duration(f.delayMs) * time.Millisecond)
+			}
+			if f.afterBytes >= 0 {
+				w = &abortingWriter{ResponseWriter: w, limit: f.afterBytes}
+			}
 		}
 	}
 	h.upstream.ServeHTTP(w, r)

@@ -33,6 +33,7 @@
 //! vc.set_star_host(true) -> Result<(), String>       deviceUrl hosts become "*" (https://*/nfc/...)
 //! vc.fail_folder_after(path, bytes, count) -> Result<(), String>  abort GET after N bytes
 //! vc.fail_folder_status(path, status, count) -> Result<(), String> answer an HTTP error
+//! vc.slow_folder(path, delay_ms, count) -> Result<(), String>  delay each GET by delay_ms
 //! vc.fail_soap(method, fault, count) -> Result<(), String>  e.g. ("RemoveSnapshot_Task", "SystemError", 1)
 //! vc.clear_faults() -> Result<(), String>
 //! vc.deny_privileges(&["VirtualMachine.State.CreateSnapshot"]) -> Result<(), String>  (&[] = all granted)
@@ -351,6 +352,15 @@ impl Vcsim {
     pub fn fail_folder_status(&self, path: &str, status: u16, count: i32) -> Result<(), String> {
         let q = format!(
             "/_rehost/fault/folder?path={}&status={status}&count={count}",
+            enc(path)
+        );
+        self.control_ok("POST", &q, b"").map(|_| ())
+    }
+
+    /// The next `count` GETs of datastore `path` (-1: all) wait `delay_ms` before answering.
+    pub fn slow_folder(&self, path: &str, delay_ms: u32, count: i32) -> Result<(), String> {
+        let q = format!(
+            "/_rehost/fault/folder?path={}&delay_ms={delay_ms}&count={count}",
             enc(path)
         );
         self.control_ok("POST", &q, b"").map(|_| ())
