@@ -92,7 +92,10 @@ fn import_catalog(source_name: &str, common: &ConfigArgs) -> Result<ExitCode> {
     let report = ImportReport {
         source: source.name.clone(),
         servers: vms.len(),
-        unsupported: vms.iter().filter(|v| !v.unsupported_reasons().is_empty()).count(),
+        unsupported: vms
+            .iter()
+            .filter(|v| !v.unsupported_reasons().is_empty())
+            .count(),
     };
     match common.output {
         OutputMode::Json => print_json(&report)?,
@@ -173,7 +176,11 @@ pub fn run_config(cmd: ConfigCommand) -> Result<ExitCode> {
             "ok": ok,
         }))?,
         OutputMode::Table => {
-            println!("config {}: valid; store {}", config.file.display(), store_path.display());
+            println!(
+                "config {}: valid; store {}",
+                config.file.display(),
+                store_path.display()
+            );
             for c in &checks {
                 let status = if c.error.is_none() && c.missing_privileges.is_empty() {
                     "ok"
@@ -197,7 +204,11 @@ pub fn run_config(cmd: ConfigCommand) -> Result<ExitCode> {
             }
         }
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn yes(b: bool) -> &'static str {
@@ -228,8 +239,11 @@ async fn check_source(config: &Config, source: &crate::config::SourceConfig) -> 
         }
         Err(err) => {
             // A server that answered with a login fault was reached.
-            let vsphere = err.chain().find_map(|e| e.downcast_ref::<rehost_vsphere::Error>());
-            check.reachable = vsphere.is_some_and(|e| e.kind() == rehost_core::ErrorKind::PermissionDenied);
+            let vsphere = err
+                .chain()
+                .find_map(|e| e.downcast_ref::<rehost_vsphere::Error>());
+            check.reachable =
+                vsphere.is_some_and(|e| e.kind() == rehost_core::ErrorKind::PermissionDenied);
             check.error = Some(format!("{err:#}"));
         }
     }

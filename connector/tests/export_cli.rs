@@ -96,7 +96,17 @@ password_env = "REHOST_TEST_VC1_PASSWORD"
 
     fn export(&self, extra: &[&str]) -> Value {
         let to = self.out();
-        let mut args = vec!["export", "--source", "vc1", "--vm", VM, "--to", p(&to), "--output", "json"];
+        let mut args = vec![
+            "export",
+            "--source",
+            "vc1",
+            "--vm",
+            VM,
+            "--to",
+            p(&to),
+            "--output",
+            "json",
+        ];
         args.extend_from_slice(extra);
         self.json_ok(&args)
     }
@@ -104,7 +114,11 @@ password_env = "REHOST_TEST_VC1_PASSWORD"
     /// Gives the VM's disk `size` bytes: patterned data in a few regions, zeros elsewhere.
     fn load_disk(&self, size: usize) -> Vec<u8> {
         let mut disk = vec![0u8; size];
-        for (start, len, seed) in [(0, 3 * MIB, 1u8), (size / 2 + 12345, 2 * MIB, 7), (size - MIB, MIB, 42)] {
+        for (start, len, seed) in [
+            (0, 3 * MIB, 1u8),
+            (size / 2 + 12345, 2 * MIB, 7),
+            (size - MIB, MIB, 42),
+        ] {
             for (i, b) in disk[start..start + len].iter_mut().enumerate() {
                 *b = (i as u8).wrapping_mul(31).wrapping_add(seed) | 1;
             }
@@ -127,7 +141,11 @@ fn qemu_raw(image: &Path) -> Vec<u8> {
         .args(["convert", "-O", "raw", p(image), p(&raw)])
         .output()
         .unwrap();
-    assert!(out.status.success(), "qemu-img: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-img: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bytes = std::fs::read(&raw).unwrap();
     std::fs::remove_file(raw).unwrap();
     bytes
@@ -144,7 +162,10 @@ fn manifest(report: &Value) -> Value {
 
 fn assert_no_rehost_snapshot(world: &World) {
     let left = world.vc.snapshots(VM).unwrap();
-    assert!(left.iter().all(|s| !s.starts_with("rehost-")), "snapshots left: {left:?}");
+    assert!(
+        left.iter().all(|s| !s.starts_with("rehost-")),
+        "snapshots left: {left:?}"
+    );
 }
 
 #[test]
@@ -155,9 +176,15 @@ fn config_check_reports_version_and_missing_privileges() {
     let source = &v["sources"][0];
     assert_eq!(source["reachable"], true);
     assert_eq!(source["authenticated"], true);
-    assert!(source["version"].as_str().unwrap().contains("VMware"), "{v}");
+    assert!(
+        source["version"].as_str().unwrap().contains("VMware"),
+        "{v}"
+    );
 
-    world.vc.deny_privileges(&["VirtualMachine.State.CreateSnapshot"]).unwrap();
+    world
+        .vc
+        .deny_privileges(&["VirtualMachine.State.CreateSnapshot"])
+        .unwrap();
     let out = world.rehost(&["config", "check", "--output", "json"]);
     assert!(!out.status.success());
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -175,8 +202,14 @@ fn wrong_password_wrong_thumbprint_and_unknown_vm_are_clear_errors() {
     let out = cmd.output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.to_lowercase().contains("login") || err.contains("password"), "{err}");
-    assert!(!err.contains("not-the-password"), "the password was printed: {err}");
+    assert!(
+        err.to_lowercase().contains("login") || err.contains("password"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("not-the-password"),
+        "the password was printed: {err}"
+    );
 
     let wrong = "thumbprint = \"00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF\"";
     let pinned = World::start_with_tls(Some(wrong));
@@ -191,9 +224,24 @@ fn wrong_password_wrong_thumbprint_and_unknown_vm_are_clear_errors() {
     // ...its own passes.
     let own = format!("thumbprint = {:?}", pinned.vc.thumbprint);
     let pinned = World::start_with_tls(Some(&own));
-    pinned.json_ok(&["servers", "import-catalog", "--source", "vc1", "--output", "json"]);
+    pinned.json_ok(&[
+        "servers",
+        "import-catalog",
+        "--source",
+        "vc1",
+        "--output",
+        "json",
+    ]);
 
-    let err = world.stderr_of_failure(&["export", "--source", "vc1", "--vm", "no-such-vm", "--to", "/tmp/x"]);
+    let err = world.stderr_of_failure(&[
+        "export",
+        "--source",
+        "vc1",
+        "--vm",
+        "no-such-vm",
+        "--to",
+        "/tmp/x",
+    ]);
     assert!(err.contains("no-such-vm"), "{err}");
     assert_no_rehost_snapshot(&world);
 }
@@ -202,7 +250,14 @@ fn wrong_password_wrong_thumbprint_and_unknown_vm_are_clear_errors() {
 fn catalog_import_stores_every_vm_with_its_disks() {
     let world = World::start();
     world.load_disk(16 * MIB);
-    let v = world.json_ok(&["servers", "import-catalog", "--source", "vc1", "--output", "json"]);
+    let v = world.json_ok(&[
+        "servers",
+        "import-catalog",
+        "--source",
+        "vc1",
+        "--output",
+        "json",
+    ]);
     assert_eq!(v["servers"], 4);
     let list = world.json_ok(&["servers", "list", "--output", "json"]);
     let servers = list.as_array().unwrap();
@@ -213,7 +268,13 @@ fn catalog_import_stores_every_vm_with_its_disks() {
     assert!(vm0["id"].as_str().unwrap().len() >= 32, "{vm0}");
     assert_eq!(vm0["disks"][0]["id"], "2000");
     assert_eq!(vm0["disks"][0]["capacity_bytes"], 16 * MIB as u64);
-    assert!(vm0["disks"][0]["location"].as_str().unwrap().contains("[LocalDS_0]"), "{vm0}");
+    assert!(
+        vm0["disks"][0]["location"]
+            .as_str()
+            .unwrap()
+            .contains("[LocalDS_0]"),
+        "{vm0}"
+    );
     assert!(world.dir.path().join("state/rehost.db").exists());
     // The table form too.
     let out = world.rehost(&["servers", "list"]);
@@ -234,17 +295,34 @@ fn full_then_incremental_export_decode_to_the_vm_disk() {
     let m1 = manifest(&full);
     let d1 = &m1["disks"][0];
     let image1 = world.out().join(d1["image"].as_str().unwrap());
-    assert_eq!(qemu_raw(&image1), disk, "full export differs from the VM disk");
+    assert_eq!(
+        qemu_raw(&image1),
+        disk,
+        "full export differs from the VM disk"
+    );
     assert_eq!(d1["disk_sha256"], hex::encode(Sha256::digest(&disk)));
-    assert_eq!(d1["content_sha256"].as_str().unwrap(), block_list_sha256(&world, &image1));
-    assert_eq!(d1["image_sha256"], hex::encode(Sha256::digest(std::fs::read(&image1).unwrap())));
+    assert_eq!(
+        d1["content_sha256"].as_str().unwrap(),
+        block_list_sha256(&world, &image1)
+    );
+    assert_eq!(
+        d1["image_sha256"],
+        hex::encode(Sha256::digest(std::fs::read(&image1).unwrap()))
+    );
     // Only the allocated areas were read: 6 MiB of data, widened to 512 KiB blocks.
     let data = d1["data_bytes"].as_u64().unwrap();
-    assert!((6 * MIB as u64..=8 * MIB as u64).contains(&data), "read {data} bytes");
+    assert!(
+        (6 * MIB as u64..=8 * MIB as u64).contains(&data),
+        "read {data} bytes"
+    );
 
     // The guest changes a few places.
     let mut new_disk = disk.clone();
-    for (offset, len, byte) in [(100_000usize, 5000usize, 0xAAu8), (size / 3, 70_000, 0xBB), (size - 10, 10, 0xCC)] {
+    for (offset, len, byte) in [
+        (100_000usize, 5000usize, 0xAAu8),
+        (size / 3, 70_000, 0xBB),
+        (size - 10, 10, 0xCC),
+    ] {
         let bytes = vec![byte; len];
         world.vc.disk_write(VM, KEY, offset as u64, &bytes).unwrap();
         new_disk[offset..offset + len].copy_from_slice(&bytes);
@@ -269,11 +347,22 @@ fn full_then_incremental_export_decode_to_the_vm_disk() {
         .args(["info", "--backing-chain", "--output", "json", p(&image2)])
         .output()
         .unwrap();
-    assert!(chain.status.success(), "{}", String::from_utf8_lossy(&chain.stderr));
+    assert!(
+        chain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&chain.stderr)
+    );
     let chain: Value = serde_json::from_slice(&chain.stdout).unwrap();
     assert_eq!(chain.as_array().unwrap().len(), 2, "{chain}");
-    assert_eq!(qemu_raw(&image2), new_disk, "the incremental chain differs from the new disk");
-    assert_eq!(d2["content_sha256"].as_str().unwrap(), block_list_sha256(&world, &image2));
+    assert_eq!(
+        qemu_raw(&image2),
+        new_disk,
+        "the incremental chain differs from the new disk"
+    );
+    assert_eq!(
+        d2["content_sha256"].as_str().unwrap(),
+        block_list_sha256(&world, &image2)
+    );
     assert_eq!(d2["disk_sha256"], Value::Null);
 }
 
@@ -281,7 +370,17 @@ fn full_then_incremental_export_decode_to_the_vm_disk() {
 fn a_powered_off_vm_exports_through_export_vm() {
     let world = World::start();
     let disk = world.load_disk(32 * MIB);
-    let err = world.stderr_of_failure(&["export", "--source", "vc1", "--vm", VM, "--to", p(&world.out()), "--via", "export-vm"]);
+    let err = world.stderr_of_failure(&[
+        "export",
+        "--source",
+        "vc1",
+        "--vm",
+        VM,
+        "--to",
+        p(&world.out()),
+        "--via",
+        "export-vm",
+    ]);
     assert!(err.contains("powered-off"), "{err}");
     world.vc.set_power(VM, PowerState::Off).unwrap();
     let v = world.export(&["--via", "export-vm"]);
@@ -299,14 +398,30 @@ fn a_read_failure_mid_export_still_removes_the_snapshot() {
         .vc
         .fail_folder_after(&format!("{VM}/disk1-flat.vmdk"), 2 * MIB as u64, 1000)
         .unwrap();
-    let err = world.stderr_of_failure(&["export", "--source", "vc1", "--vm", VM, "--to", p(&world.out())]);
+    let err = world.stderr_of_failure(&[
+        "export",
+        "--source",
+        "vc1",
+        "--vm",
+        VM,
+        "--to",
+        p(&world.out()),
+    ]);
     assert!(err.contains("disk 2000"), "{err}");
     assert_no_rehost_snapshot(&world);
     // Nothing that looks like a finished image or manifest was left.
     let left: Vec<_> = std::fs::read_dir(world.out())
-        .map(|d| d.map(|e| e.unwrap().file_name().into_string().unwrap()).collect())
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        })
         .unwrap_or_default();
-    assert!(left.iter().all(|n| n.ends_with(".blocks") || n.starts_with('.')) && left.iter().all(|n| !n.ends_with(".vmdk")), "{left:?}");
+    assert!(
+        left.iter()
+            .all(|n| n.ends_with(".blocks") || n.starts_with('.'))
+            && left.iter().all(|n| !n.ends_with(".vmdk")),
+        "{left:?}"
+    );
 }
 
 #[test]
@@ -314,13 +429,27 @@ fn a_killed_export_is_cleaned_up_without_touching_other_snapshots() {
     let world = World::start();
     world.load_disk(256 * MIB);
     // Someone else's snapshot, named like ours but without rehost's marker.
-    world.vc.create_snapshot(VM, "rehost-export-not-ours", "taken by an admin").unwrap();
+    world
+        .vc
+        .create_snapshot(VM, "rehost-export-not-ours", "taken by an admin")
+        .unwrap();
     world.vc.create_snapshot(VM, "before-patching", "").unwrap();
     // Slow the reads down so the kill lands mid-export.
-    world.vc.slow_folder(&format!("{VM}/disk1-flat.vmdk"), 50).unwrap();
+    world
+        .vc
+        .slow_folder(&format!("{VM}/disk1-flat.vmdk"), 50)
+        .unwrap();
 
     let mut child = world
-        .command(&["export", "--source", "vc1", "--vm", VM, "--to", p(&world.out())])
+        .command(&[
+            "export",
+            "--source",
+            "vc1",
+            "--vm",
+            VM,
+            "--to",
+            p(&world.out()),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -331,13 +460,20 @@ fn a_killed_export_is_cleaned_up_without_touching_other_snapshots() {
         if snaps.len() == 3 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the export never took its snapshot");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export never took its snapshot"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
     child.kill().unwrap(); // SIGKILL: no cleanup of its own
     child.wait().unwrap();
-    assert_eq!(world.vc.snapshots(VM).unwrap().len(), 3, "the killed export cannot have removed its snapshot");
+    assert_eq!(
+        world.vc.snapshots(VM).unwrap().len(),
+        3,
+        "the killed export cannot have removed its snapshot"
+    );
 
     let v = world.json_ok(&["export", "--cleanup", "--source", "vc1", "--output", "json"]);
     assert_eq!(v["removed"].as_array().unwrap().len(), 1, "{v}");

@@ -58,9 +58,16 @@ pub async fn write<E: SourceError>(job: DiskJob, read: DiskRead<E>) -> Result<Di
     let capacity = read.capacity_bytes;
     let token = read.token.clone();
     let bar = bytes_bar(read.data_bytes, &job.label, job.quiet);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Extent>(CHANNEL_DEPTH);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Extent>(CHANNEL_DEPTH);
     let worker_bar = bar.clone();
-    let worker = tokio::task::spawn_blocking(move || write_blocking(job, capacity, rx, &worker_bar));
+    let worker = tokio::task::spawn_blocking(move || {
+        let extents = std::iter::from_fn(move || rx.blocking_recv().map(Ok));
+        write_blocking(job, capacity, extents, &|e| {
+            if let Extent::Data { data, .. } = e {
+                worker_bar.inc(data.len() as u64);
+            }
+        })
+    });
 
     let mut extents = read.extents;
     let mut source_error = None;
@@ -90,11 +97,89 @@ pub async fn write<E: SourceError>(job: DiskJob, read: DiskRead<E>) -> Result<Di
     Ok(written)
 }
 
+/// Writes a disk that arrives as a streamOptimized VMDK byte stream (ExportVm): decoded on
+/// the fly (nothing staged) and re-written like a snapshot read, so the output, its
+/// checksums and its manifest are the same whichever way the disk was read.
+pub async fn write_from_vmdk_stream<S>(
+    job: DiskJob,
+    capacity: u64,
+    mut body: S,
+    on_progress: impl Fn(u64) + Send + 'static,
+) -> Result<DiskWritten>
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, rehost_vsphere::Error>> + Unpin,
+{
+    let bar = bytes_bar(capacity, &job.label, job.quiet);
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(CHANNEL_DEPTH * 4);
+    let worker_bar = bar.clone();
+    let name = job.label.clone();
+    let worker = tokio::task::spawn_blocking(move || {
+        let reader = rehost_diskimage::vmdk::StreamReader::new(ChannelRead::new(rx), name)?;
+        let declared = reader.info().virtual_size_bytes;
+        if declared != capacity {
+            bail!("the exported image is {declared} bytes, the VM's disk {capacity}");
+        }
+        let extents = reader.map(|e| e.map_err(anyhow::Error::from));
+        write_blocking(job, capacity, extents, &|e| {
+            worker_bar.set_position(e.end());
+            on_progress(e.end());
+        })
+    });
+    let mut download_error = None;
+    while let Some(chunk) = body.next().await {
+        let item = chunk.map_err(|e| {
+            let text = e.to_string();
+            download_error = Some(e);
+            std::io::Error::other(text)
+        });
+        let failed = item.is_err();
+        if tx.send(item).await.is_err() || failed {
+            break;
+        }
+    }
+    drop(tx);
+    let outcome = worker.await.context("the image writer thread failed")?;
+    bar.finish_and_clear();
+    if let Some(err) = download_error {
+        return Err(anyhow::Error::new(err).context("downloading the exported disk"));
+    }
+    outcome
+}
+
+/// A blocking `Read` over chunks sent from the async side.
+struct ChannelRead {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    current: bytes::Bytes,
+}
+
+impl ChannelRead {
+    fn new(rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>) -> Self {
+        ChannelRead {
+            rx,
+            current: bytes::Bytes::new(),
+        }
+    }
+}
+
+impl std::io::Read for ChannelRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
 fn write_blocking(
     job: DiskJob,
     capacity: u64,
-    mut rx: tokio::sync::mpsc::Receiver<Extent>,
-    bar: &indicatif::ProgressBar,
+    extents: impl Iterator<Item = Result<Extent>>,
+    on_extent: &dyn Fn(&Extent),
 ) -> Result<DiskWritten> {
     // An upload's part size is chosen before the first byte, from the largest the image can be.
     let size_hint = rehost_diskimage::write::max_stream_bytes(
@@ -122,12 +207,12 @@ fn write_blocking(
     let mut digests = BlockDigests::new(capacity, job.parent.map(|p| p.digests))?;
     let zeros = vec![0u8; 1 << 20];
     let mut data_bytes = 0u64;
-    while let Some(extent) = rx.blocking_recv() {
+    for extent in extents {
+        let extent = extent?;
         digests.put(&extent)?;
         match &extent {
             Extent::Data { data, .. } => {
                 data_bytes += data.len() as u64;
-                bar.inc(data.len() as u64);
                 if let Some(hash) = &mut disk_hash {
                     hash.update(data);
                 }
@@ -143,6 +228,7 @@ fn write_blocking(
                 }
             }
         }
+        on_extent(&extent);
         writer.put(extent)?;
     }
     writer.finish()?;

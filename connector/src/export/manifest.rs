@@ -60,8 +60,9 @@ pub struct DiskEntry {
     pub key: String,
     pub label: String,
     pub capacity_bytes: u64,
-    /// The CBT changeId of the disk in the snapshot read: `--base` asks for changes since it.
-    pub change_id: String,
+    /// The CBT changeId of the disk in the state read: `--base` asks for changes since it.
+    /// None when CBT was off (an ExportVm of a VM without CBT): no incremental can follow.
+    pub change_id: Option<String>,
     /// The changeId changes were asked since (incremental only).
     pub since_change_id: Option<String>,
     /// The image file, in the manifest's folder.
@@ -99,8 +100,15 @@ impl Manifest {
         }
         for disk in &manifest.disks {
             for name in [&disk.image, &disk.block_list] {
-                if name.is_empty() || name.contains('/') || name.contains('\\') || name.starts_with('.') {
-                    bail!("{location}: disk {}: file name {name:?} is not a plain file name", disk.key);
+                if name.is_empty()
+                    || name.contains('/')
+                    || name.contains('\\')
+                    || name.starts_with('.')
+                {
+                    bail!(
+                        "{location}: disk {}: file name {name:?} is not a plain file name",
+                        disk.key
+                    );
                 }
             }
         }
@@ -119,14 +127,23 @@ pub fn encode_block_list(digests: &[[u8; 32]]) -> Vec<u8> {
 }
 
 /// Decodes a stored block list, checking its digest against the manifest's.
-pub fn decode_block_list(bytes: &[u8], expected_sha256: &str, location: &str) -> Result<Vec<[u8; 32]>> {
+pub fn decode_block_list(
+    bytes: &[u8],
+    expected_sha256: &str,
+    location: &str,
+) -> Result<Vec<[u8; 32]>> {
     use sha2::{Digest, Sha256};
     let actual = hex::encode(Sha256::digest(bytes));
     if actual != expected_sha256 {
-        bail!("{location}: SHA-256 {actual} differs from the manifest's {expected_sha256}; the block list is damaged");
+        bail!(
+            "{location}: SHA-256 {actual} differs from the manifest's {expected_sha256}; the block list is damaged"
+        );
     }
     if bytes.len() % 32 != 0 {
-        bail!("{location}: {} bytes is not a whole number of 32-byte digests", bytes.len());
+        bail!(
+            "{location}: {} bytes is not a whole number of 32-byte digests",
+            bytes.len()
+        );
     }
     Ok(bytes
         .chunks_exact(32)
@@ -154,7 +171,10 @@ mod tests {
 
     #[test]
     fn a_foreign_json_is_refused_with_its_location() {
-        let err = format!("{:#}", Manifest::parse(b"{\"a\":1}", "/tmp/m.json").unwrap_err());
+        let err = format!(
+            "{:#}",
+            Manifest::parse(b"{\"a\":1}", "/tmp/m.json").unwrap_err()
+        );
         assert!(err.contains("/tmp/m.json"), "{err}");
     }
 }

@@ -113,10 +113,17 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
         let store = Store::open(&config.store_path())?;
         let client = crate::sources::connect_vsphere(&config, &source_config).await?;
         let result = if args.cleanup {
-            cleanup(&store, &client, &args.source, args.vm.as_deref(), args.output).await
+            cleanup(
+                &store,
+                &client,
+                &args.source,
+                args.vm.as_deref(),
+                args.output,
+            )
+            .await
         } else {
-            let needs_s3 = args.to.as_deref().is_some_and(is_s3)
-                || args.base.as_deref().is_some_and(is_s3);
+            let needs_s3 =
+                args.to.as_deref().is_some_and(is_s3) || args.base.as_deref().is_some_and(is_s3);
             let clients = if needs_s3 {
                 Some(args.aws.clients().await)
             } else {
@@ -170,37 +177,6 @@ async fn export(
 
     let export_id = new_export_id();
     let snapshot_name = format!("{SNAPSHOT_PREFIX}{export_id}");
-    let source = VsphereSource::new(client.clone());
-    let ledger = store.snapshot_intended(
-        &args.source,
-        &vm.id.0,
-        &vm.source_ref,
-        &snapshot_name,
-        "export",
-    )?;
-    let options = SnapshotOptions {
-        name: snapshot_name.clone(),
-        description: format!(
-            "{SNAPSHOT_MARKER} export {export_id}; removed when the export ends. If no rehost export is running, `rehost export --cleanup` removes it."
-        ),
-        quiesce: args.quiesce,
-    };
-    if args.output == OutputMode::Table {
-        eprintln!("Taking snapshot {snapshot_name} of {}…", vm.name);
-    }
-    let created = with_shutdown(source.snapshot(&vm.id, &options))
-        .await
-        .and_then(|r| r.map_err(|e| anyhow::Error::new(e).context(format!("snapshotting {}", vm.name))));
-    let snapshot = match created {
-        Ok(snapshot) => snapshot,
-        Err(err) => {
-            // The task may have created it before failing or being interrupted.
-            remove_by_name(store, client, ledger, &found.moref, &snapshot_name).await;
-            return Err(err);
-        }
-    };
-    store.snapshot_created(ledger, &snapshot.snapshot_ref)?;
-
     let job = ExportJob {
         args,
         source_config: SourceEntry {
@@ -208,21 +184,20 @@ async fn export(
             kind: source_config.kind.to_string(),
             url: source_config.url.clone(),
         },
-        vm: &vm,
+        client,
+        found: &found,
         base: base.as_ref(),
         target: &target,
         export_id: &export_id,
         snapshot_name: &snapshot_name,
         handle,
     };
-    let outcome = with_shutdown(job.run(&source, &snapshot)).await;
-    let outcome = match outcome {
-        Ok(result) => result,
-        Err(cancelled) => Err(cancelled),
+    let (manifest_location, manifest) = if args.via == Via::ExportVm {
+        // No snapshot: the VM is powered off, and the lease is aborted if we stop early.
+        with_shutdown(job.run_export_vm()).await??
+    } else {
+        export_through_snapshot(&job, store).await?
     };
-    let removed = release(store, &source, ledger, &snapshot).await;
-    let (manifest_location, manifest) = outcome?;
-    removed?;
 
     let report = ExportReport {
         manifest: manifest_location,
@@ -240,23 +215,83 @@ async fn export(
                 content_sha256: d.content_sha256.clone(),
             })
             .collect(),
-        snapshot_removed: true,
+        snapshot_removed: args.via == Via::Snapshot,
         seconds: started.elapsed().as_secs_f64(),
     };
     match args.output {
         OutputMode::Json => print_json(&report)?,
         OutputMode::Table => {
-            println!("{} export of {} written: {}", kind_name(report.kind), report.vm, report.manifest);
+            println!(
+                "{} export of {} written: {}",
+                kind_name(report.kind),
+                report.vm,
+                report.manifest
+            );
             for d in &report.disks {
                 println!(
                     "  disk {}: {} ({} of {} bytes read, image {} bytes)",
                     d.key, d.image, d.data_bytes, d.capacity_bytes, d.image_bytes
                 );
             }
-            println!("  snapshot {snapshot_name} removed; {:.1} s", report.seconds);
+            if report.snapshot_removed {
+                println!("  snapshot {snapshot_name} removed");
+            }
+            println!("  {:.1} s", report.seconds);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Takes the snapshot (ledger first), exports from it, and removes it whatever happened.
+async fn export_through_snapshot(job: &ExportJob<'_>, store: &Store) -> Result<(String, Manifest)> {
+    let vm = &job.found.info;
+    let source = VsphereSource::new(job.client.clone());
+    let ledger = store.snapshot_intended(
+        &job.source_config.name,
+        &vm.id.0,
+        &job.found.moref.value,
+        job.snapshot_name,
+        "export",
+    )?;
+    let options = SnapshotOptions {
+        name: job.snapshot_name.to_owned(),
+        description: format!(
+            "{SNAPSHOT_MARKER} export {}; removed when the export ends. If no rehost export is running, `rehost export --cleanup` removes it.",
+            job.export_id
+        ),
+        quiesce: job.args.quiesce,
+    };
+    if job.args.output == OutputMode::Table {
+        eprintln!("Taking snapshot {} of {}…", job.snapshot_name, vm.name);
+    }
+    let created = with_shutdown(source.snapshot(&vm.id, &options))
+        .await
+        .and_then(|r| {
+            r.map_err(|e| anyhow::Error::new(e).context(format!("snapshotting {}", vm.name)))
+        });
+    let snapshot = match created {
+        Ok(snapshot) => snapshot,
+        Err(err) => {
+            // The task may have created it before failing or being interrupted.
+            remove_by_name(
+                store,
+                job.client,
+                ledger,
+                &job.found.moref,
+                job.snapshot_name,
+            )
+            .await;
+            return Err(err);
+        }
+    };
+    store.snapshot_created(ledger, &snapshot.snapshot_ref)?;
+    let outcome = with_shutdown(job.run(&source, &snapshot))
+        .await
+        .and_then(|r| r);
+    let removed = release(store, &source, ledger, &snapshot).await;
+    let exported = outcome?;
+    removed?;
+    Ok(exported)
 }
 
 fn kind_name(kind: ExportKind) -> &'static str {
@@ -267,7 +302,12 @@ fn kind_name(kind: ExportKind) -> &'static str {
 }
 
 /// Checks the VM can be exported as asked, and turns CBT on when it is off.
-async fn preflight(client: &Client, found: &Vm, args: &ExportArgs, base: Option<&Base>) -> Result<()> {
+async fn preflight(
+    client: &Client,
+    found: &Vm,
+    args: &ExportArgs,
+    base: Option<&Base>,
+) -> Result<()> {
     let vm = &found.info;
     let unsupported = vm.unsupported_reasons();
     if !unsupported.is_empty() {
@@ -356,7 +396,8 @@ impl Base {
 struct ExportJob<'a> {
     args: &'a ExportArgs,
     source_config: SourceEntry,
-    vm: &'a VmInfo,
+    client: &'a Client,
+    found: &'a Vm,
     base: Option<&'a Base>,
     target: &'a Target,
     export_id: &'a str,
@@ -365,10 +406,19 @@ struct ExportJob<'a> {
 }
 
 impl ExportJob<'_> {
-    async fn run(&self, source: &VsphereSource, snapshot: &SnapshotRef) -> Result<(String, Manifest)> {
-        let stem = format!("{}-{}", file_safe(&self.vm.name), self.export_id);
+    fn stem(&self) -> String {
+        format!("{}-{}", file_safe(&self.found.info.name), self.export_id)
+    }
+
+    async fn run(
+        &self,
+        source: &VsphereSource,
+        snapshot: &SnapshotRef,
+    ) -> Result<(String, Manifest)> {
+        let vm = &self.found.info;
+        let stem = self.stem();
         let mut disks = Vec::new();
-        for disk in &self.vm.disks {
+        for disk in &vm.disks {
             let base_entry = match self.base {
                 Some(base) => Some(base.manifest.disk(&disk.id.0).with_context(|| {
                     format!(
@@ -378,11 +428,21 @@ impl ExportJob<'_> {
                 })?),
                 None => None,
             };
-            let since = base_entry.map(|e| ChangeToken(e.change_id.clone()));
+            let since = match base_entry {
+                Some(entry) => Some(ChangeToken(entry.change_id.clone().with_context(|| {
+                    format!(
+                        "disk {} has no changeId in the base export (changed-block tracking was off); run a full export",
+                        disk.id
+                    )
+                })?)),
+                None => None,
+            };
             let read = source
                 .read_disk(snapshot, &disk.id, since.as_ref())
                 .await
-                .with_context(|| format!("reading disk {} ({}) of {}", disk.id, disk.label, self.vm.name))?;
+                .with_context(|| {
+                    format!("reading disk {} ({}) of {}", disk.id, disk.label, vm.name)
+                })?;
             let parent = match (self.base, base_entry) {
                 (Some(base), Some(entry)) => {
                     if entry.capacity_bytes != read.capacity_bytes {
@@ -402,55 +462,169 @@ impl ExportJob<'_> {
                 _ => None,
             };
             let image = format!("{stem}-disk{}.vmdk", disk.id);
-            let written = disk::write(
-                disk::DiskJob {
-                    target: self.target.clone(),
-                    image: image.clone(),
-                    label: format!("disk {}", disk.id),
-                    parent,
-                    quiet: self.args.output == OutputMode::Json,
-                    handle: self.handle.clone(),
-                },
-                read,
-            )
-            .await
-            .with_context(|| format!("exporting disk {} ({}) of {}", disk.id, disk.label, self.vm.name))?;
-            let block_list = format!("{stem}-disk{}.blocks", disk.id);
-            let list = self
-                .target
-                .put(&block_list, manifest::encode_block_list(&written.digests))
-                .await?;
-            disks.push(DiskEntry {
-                key: disk.id.0.clone(),
-                label: disk.label.clone(),
-                capacity_bytes: written.capacity_bytes,
-                change_id: written.token.0.clone(),
-                since_change_id: since.map(|t| t.0),
-                image,
-                image_format: "vmdk-stream".to_owned(),
-                image_bytes: written.image.bytes,
-                image_sha256: written.image.sha256,
-                image_cid: written.cid,
-                parent_image: base_entry.map(|e| e.image.clone()),
-                data_bytes: written.data_bytes,
-                block_list,
-                content_sha256: list.sha256,
-                disk_sha256: written.disk_sha256,
-            });
+            let written = disk::write(self.disk_job(&image, disk, parent), read)
+                .await
+                .with_context(|| {
+                    format!("exporting disk {} ({}) of {}", disk.id, disk.label, vm.name)
+                })?;
+            let change_id = Some(written.token.0.clone());
+            disks.push(
+                self.disk_entry(
+                    disk,
+                    image,
+                    written,
+                    change_id,
+                    since.map(|t| t.0),
+                    base_entry,
+                )
+                .await?,
+            );
         }
+        self.finish(disks).await
+    }
+
+    /// The ExportVm path: one lease, each disk's streamOptimized download decoded and
+    /// re-written as it arrives.
+    async fn run_export_vm(&self) -> Result<(String, Manifest)> {
+        let vm = &self.found.info;
+        let lease = self
+            .client
+            .export_vm(&self.found.moref)
+            .await
+            .with_context(|| format!("exporting {} with ExportVm", vm.name))?;
+        let urls = lease.disk_urls()?;
+        if urls.len() != vm.disks.len() {
+            let _ = lease.abort().await;
+            bail!(
+                "the export lease serves {} disk(s), {} has {}",
+                urls.len(),
+                vm.name,
+                vm.disks.len()
+            );
+        }
+        let total: u64 = vm
+            .disks
+            .iter()
+            .map(|d| d.capacity_bytes)
+            .sum::<u64>()
+            .max(1);
+        let lease = std::sync::Arc::new(lease);
+        let mut disks = Vec::new();
+        let mut done_before = 0u64;
+        for (disk, (_, url)) in vm.disks.iter().zip(urls) {
+            let image = format!("{}-disk{}.vmdk", self.stem(), disk.id);
+            let outcome = async {
+                let body = Box::pin(lease.download(&url).await?);
+                let progress_lease = lease.clone();
+                let offset = done_before;
+                disk::write_from_vmdk_stream(
+                    self.disk_job(&image, disk, None),
+                    disk.capacity_bytes,
+                    body,
+                    move |done| {
+                        let percent = (offset + done).saturating_mul(100) / total;
+                        progress_lease.set_progress(u8::try_from(percent).unwrap_or(100));
+                    },
+                )
+                .await
+            }
+            .await
+            .with_context(|| format!("exporting disk {} ({}) of {}", disk.id, disk.label, vm.name));
+            let written = match outcome {
+                Ok(written) => written,
+                Err(err) => {
+                    if let Ok(lease) = std::sync::Arc::try_unwrap(lease) {
+                        let _ = lease.abort().await;
+                    }
+                    return Err(err);
+                }
+            };
+            done_before += disk.capacity_bytes;
+            // A powered-off VM's disks do not change: their current changeId is the state read.
+            let change_id = if vm.change_tracking {
+                disk.change_id.clone()
+            } else {
+                None
+            };
+            disks.push(
+                self.disk_entry(disk, image, written, change_id, None, None)
+                    .await?,
+            );
+        }
+        if let Ok(lease) = std::sync::Arc::try_unwrap(lease) {
+            lease
+                .complete()
+                .await
+                .context("completing the export lease")?;
+        }
+        self.finish(disks).await
+    }
+
+    fn disk_job(
+        &self,
+        image: &str,
+        disk: &rehost_core::DiskInfo,
+        parent: Option<disk::Parent>,
+    ) -> disk::DiskJob {
+        disk::DiskJob {
+            target: self.target.clone(),
+            image: image.to_owned(),
+            label: format!("disk {}", disk.id),
+            parent,
+            quiet: self.args.output == OutputMode::Json,
+            handle: self.handle.clone(),
+        }
+    }
+
+    async fn disk_entry(
+        &self,
+        disk: &rehost_core::DiskInfo,
+        image: String,
+        written: disk::DiskWritten,
+        change_id: Option<String>,
+        since_change_id: Option<String>,
+        base_entry: Option<&DiskEntry>,
+    ) -> Result<DiskEntry> {
+        let block_list = format!("{}-disk{}.blocks", self.stem(), disk.id);
+        let list = self
+            .target
+            .put(&block_list, manifest::encode_block_list(&written.digests))
+            .await?;
+        Ok(DiskEntry {
+            key: disk.id.0.clone(),
+            label: disk.label.clone(),
+            capacity_bytes: written.capacity_bytes,
+            change_id,
+            since_change_id,
+            image,
+            image_format: "vmdk-stream".to_owned(),
+            image_bytes: written.image.bytes,
+            image_sha256: written.image.sha256,
+            image_cid: written.cid,
+            parent_image: base_entry.map(|e| e.image.clone()),
+            data_bytes: written.data_bytes,
+            block_list,
+            content_sha256: list.sha256,
+            disk_sha256: written.disk_sha256,
+        })
+    }
+
+    async fn finish(&self, disks: Vec<DiskEntry>) -> Result<(String, Manifest)> {
+        let vm = &self.found.info;
+        let stem = self.stem();
         let manifest = Manifest {
             format: manifest::FORMAT.to_owned(),
             export_id: self.export_id.to_owned(),
             created_at: now_rfc3339(),
             source: self.source_config.clone(),
             vm: VmEntry {
-                id: self.vm.id.0.clone(),
-                name: self.vm.name.clone(),
-                path: self.vm.path.clone(),
-                firmware: self.vm.firmware,
-                guest_os: self.vm.guest_os.clone(),
-                cpus: self.vm.cpus,
-                memory_mib: self.vm.memory_mib,
+                id: vm.id.0.clone(),
+                name: vm.name.clone(),
+                path: vm.path.clone(),
+                firmware: vm.firmware,
+                guest_os: vm.guest_os.clone(),
+                cpus: vm.cpus,
+                memory_mib: vm.memory_mib,
             },
             snapshot_name: self.snapshot_name.to_owned(),
             kind: if self.base.is_some() {
@@ -458,9 +632,13 @@ impl ExportJob<'_> {
             } else {
                 ExportKind::Full
             },
-            parent_manifest: self
-                .base
-                .map(|b| b.location.rsplit('/').next().unwrap_or(&b.location).to_owned()),
+            parent_manifest: self.base.map(|b| {
+                b.location
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or(&b.location)
+                    .to_owned()
+            }),
             disks,
         };
         let name = format!("{stem}.manifest.json");
@@ -473,7 +651,12 @@ impl ExportJob<'_> {
 
 /// Removes the export's snapshot and closes its ledger entry; on failure the entry stays
 /// open for `--cleanup`.
-async fn release(store: &Store, source: &VsphereSource, ledger: i64, snapshot: &SnapshotRef) -> Result<()> {
+async fn release(
+    store: &Store,
+    source: &VsphereSource,
+    ledger: i64,
+    snapshot: &SnapshotRef,
+) -> Result<()> {
     match source.release(snapshot).await {
         Ok(()) => {
             store.snapshot_removed(ledger)?;
@@ -639,14 +822,21 @@ pub fn now_rfc3339() -> String {
     use aws_smithy_types::date_time::{DateTime, Format};
     let now = DateTime::from(SystemTime::now());
     let secs = DateTime::from_secs(now.secs());
-    secs.fmt(Format::DateTime).unwrap_or_else(|_| now.secs().to_string())
+    secs.fmt(Format::DateTime)
+        .unwrap_or_else(|_| now.secs().to_string())
 }
 
 /// A VM name made safe for a file name.
 fn file_safe(name: &str) -> String {
     let safe: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     safe.chars().take(64).collect()
 }

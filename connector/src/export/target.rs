@@ -40,8 +40,7 @@ impl Target {
     /// Parses `DIR` or `s3://bucket/prefix`.
     pub fn parse(text: &str, clients: Option<Clients>) -> Result<Target> {
         if S3Url::is_s3(text) {
-            let clients =
-                clients.context("an s3:// target needs AWS clients (internal error)")?;
+            let clients = clients.context("an s3:// target needs AWS clients (internal error)")?;
             let (bucket, prefix) = split_s3(text)?;
             Ok(Target::S3 {
                 clients,
@@ -108,7 +107,9 @@ impl Target {
                     runtime.clone(),
                     options,
                 )
-                .with_context(|| format!("starting the upload of s3://{}/{}", url.bucket, url.key))?;
+                .with_context(|| {
+                    format!("starting the upload of s3://{}/{}", url.bucket, url.key)
+                })?;
                 Ok(Box::new(S3Target {
                     writer: Some(writer),
                 }))
@@ -163,7 +164,11 @@ impl Target {
 impl Target {
     /// Reads back the identity (VMDK CID) of an image just written, from its header and
     /// descriptor only. Call from a blocking thread.
-    pub fn image_id(&self, name: &str, runtime: &tokio::runtime::Handle) -> Result<rehost_diskimage::ImageId> {
+    pub fn image_id(
+        &self,
+        name: &str,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<rehost_diskimage::ImageId> {
         use rehost_diskimage::FileSystem;
         let location = self.location(name);
         let layer = match self {
@@ -173,8 +178,16 @@ impl Target {
                 let file = fs.open(&path.to_string_lossy())?;
                 rehost_diskimage::open_layer(&fs, file)?
             }
-            Target::S3 { clients, bucket, prefix } => {
-                let fs = rehost_importer::s3::S3Fs::new(clients.s3.clone(), bucket.clone(), runtime.clone());
+            Target::S3 {
+                clients,
+                bucket,
+                prefix,
+            } => {
+                let fs = rehost_importer::s3::S3Fs::new(
+                    clients.s3.clone(),
+                    bucket.clone(),
+                    runtime.clone(),
+                );
                 let file = fs.open(&format!("{prefix}{name}"))?;
                 rehost_diskimage::open_layer(&fs, file)?
             }
