@@ -122,6 +122,18 @@ async fn lists_vms_with_paths_disks_and_finds_them() {
     assert_eq!(err.kind(), ErrorKind::NotFound);
     assert!(err.to_string().contains("no-such-vm"), "{err}");
     assert_eq!(client.datacenter_of(&vm0.moref).await.unwrap(), "DC0");
+    assert_eq!(
+        client
+            .find_vm_by_instance_uuid(&vm0.info.id.0)
+            .await
+            .unwrap(),
+        vm0.moref
+    );
+    let err = client
+        .find_vm_by_instance_uuid("00000000-0000-0000-0000-000000000000")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::VmNotFound { .. }), "{err}");
 }
 
 #[tokio::test]
