@@ -144,6 +144,22 @@ impl Client {
         }
     }
 
+    /// The VM with this instance UUID, found by the SearchIndex (one call, whatever the
+    /// inventory's size).
+    pub async fn find_vm_by_instance_uuid(&self, uuid: &str) -> Result<MoRef> {
+        let mut req = crate::soap::Request::new("FindByUuid", &self.service_content().search_index);
+        req.text("uuid", uuid)
+            .text("vmSearch", "true")
+            .text("instanceUuid", "true");
+        let response = self.call(&req).await?;
+        match response.child("returnval") {
+            Some(rv) => MoRef::from_node(rv).map_err(|e| protocol("FindByUuid", e)),
+            None => Err(Error::VmNotFound {
+                query: uuid.to_owned(),
+            }),
+        }
+    }
+
     /// The datacenter path (`dcPath`) of an inventory object, walking its parents.
     pub async fn datacenter_of(&self, obj: &MoRef) -> Result<String> {
         let mut entities = HashMap::new();

@@ -6,6 +6,8 @@
 //! The SOAP layer ([`soap`]) is pure over bytes, so it is unit-tested and fuzzable; the
 //! client keeps one logged-in session (re-login on expiry) shared by cheap clones.
 
+#![warn(missing_docs)]
+
 pub mod cbt;
 pub mod client;
 pub mod datastore;

@@ -40,17 +40,6 @@ impl VsphereSource {
         &self.client
     }
 
-    async fn vm_by_id(&self, id: &VmId) -> Result<crate::inventory::Vm> {
-        self.client
-            .inventory_vms()
-            .await?
-            .into_iter()
-            .find(|v| v.info.id.0.eq_ignore_ascii_case(&id.0))
-            .ok_or_else(|| Error::VmNotFound {
-                query: id.0.clone(),
-            })
-    }
-
     async fn read(
         &self,
         snapshot: &SnapshotRef,
@@ -190,11 +179,11 @@ impl Source for VsphereSource {
     }
 
     async fn snapshot(&self, vm: &VmId, options: &SnapshotOptions) -> Result<SnapshotRef> {
-        let found = self.vm_by_id(vm).await?;
+        let found = self.client.find_vm_by_instance_uuid(&vm.0).await?;
         let snapshot = self
             .client
             .create_snapshot(
-                &found.moref,
+                &found,
                 &options.name,
                 &options.description,
                 false,
@@ -203,7 +192,7 @@ impl Source for VsphereSource {
             .await?;
         Ok(SnapshotRef {
             vm: vm.clone(),
-            vm_ref: found.moref.value,
+            vm_ref: found.value,
             snapshot_ref: snapshot.value,
             name: options.name.clone(),
         })

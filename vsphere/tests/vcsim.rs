@@ -122,6 +122,18 @@ async fn lists_vms_with_paths_disks_and_finds_them() {
     assert_eq!(err.kind(), ErrorKind::NotFound);
     assert!(err.to_string().contains("no-such-vm"), "{err}");
     assert_eq!(client.datacenter_of(&vm0.moref).await.unwrap(), "DC0");
+    assert_eq!(
+        client
+            .find_vm_by_instance_uuid(&vm0.info.id.0)
+            .await
+            .unwrap(),
+        vm0.moref
+    );
+    let err = client
+        .find_vm_by_instance_uuid("00000000-0000-0000-0000-000000000000")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::VmNotFound { .. }), "{err}");
 }
 
 #[tokio::test]
@@ -493,4 +505,39 @@ async fn export_is_refused_while_powered_on_and_served_after_power_off() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(state, "error");
+}
+
+#[tokio::test]
+async fn disk_read_survives_a_dropped_connection_and_refuses_a_delta() {
+    let vc = start();
+    let client = connect(&vc).await;
+    let source = VsphereSource::new(client.clone());
+    let name = "DC0_C0_RP0_VM1";
+    let vm = client.find_vm(name).await.unwrap();
+    let id = VmId(vm.info.id.0.clone());
+    let disk = DiskId(DISK_KEY.to_string());
+    client.enable_change_tracking(&vm.moref).await.unwrap();
+    let mut image = vec![0u8; usize::try_from(64 * MIB).unwrap()];
+    write(&vc, &mut image, name, 5 * MIB, &[0xAB; 70_000]);
+    let opts = |n: &str| SnapshotOptions {
+        name: n.into(),
+        ..SnapshotOptions::default()
+    };
+    let snap1 = source.snapshot(&id, &opts("a")).await.unwrap();
+    // The first GET of the base is cut after 1000 bytes: the read is retried.
+    vc.fail_folder_after(&format!("{name}/disk1-flat.vmdk"), 1000, 1)
+        .unwrap();
+    let read = source.read_disk(&snap1, &disk, None).await.unwrap();
+    let mut got = vec![0u8; image.len()];
+    apply(read, &mut got).await;
+    assert!(got == image);
+
+    // A second snapshot while the first exists freezes a delta, which is not read.
+    let snap2 = source.snapshot(&id, &opts("b")).await.unwrap();
+    let err = source.read_disk(&snap2, &disk, None).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("other snapshots"), "{err}");
+    source.release(&snap2).await.unwrap();
+    source.release(&snap1).await.unwrap();
+    assert!(vc.snapshots(name).unwrap().is_empty());
 }

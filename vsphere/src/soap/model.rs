@@ -98,6 +98,8 @@ pub struct ServiceContent {
     pub view_manager: MoRef,
     /// The SessionManager (login, logout).
     pub session_manager: MoRef,
+    /// The SearchIndex (VMs by UUID).
+    pub search_index: MoRef,
     /// What the server is.
     pub about: AboutInfo,
 }
@@ -111,6 +113,7 @@ impl ServiceContent {
             property_collector: MoRef::from_node(req(n, "propertyCollector", t)?)?,
             view_manager: MoRef::from_node(req(n, "viewManager", t)?)?,
             session_manager: MoRef::from_node(req(n, "sessionManager", t)?)?,
+            search_index: MoRef::from_node(req(n, "searchIndex", t)?)?,
             about: AboutInfo::from_node(req(n, "about", t)?)?,
         })
     }
