@@ -157,7 +157,7 @@ pub fn run_config(cmd: ConfigCommand) -> Result<ExitCode> {
     let ConfigCommand::Check { common } = cmd;
     let config = Config::locate(common.config.as_deref())?;
     let store_path = config.store_path();
-    Store::open(&store_path)?;
+    let schema_version = Store::open(&store_path)?.schema_version()?;
     let checks = runtime()?.block_on(async {
         let mut checks = Vec::new();
         for source in &config.sources {
@@ -172,6 +172,7 @@ pub fn run_config(cmd: ConfigCommand) -> Result<ExitCode> {
         OutputMode::Json => print_json(&serde_json::json!({
             "config": config.file.display().to_string(),
             "store": store_path.display().to_string(),
+            "store_schema_version": schema_version,
             "sources": checks,
             "ok": ok,
         }))?,

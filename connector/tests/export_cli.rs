@@ -29,13 +29,13 @@ impl World {
         Self::start_with_tls(None)
     }
 
-    /// A config for the emulator; `tls` replaces the CA file line.
-    fn start_with_tls(tls: Option<&str>) -> World {
+    /// A config for the emulator; `tls` gives the line that replaces the CA file line.
+    fn start_with_tls(tls: Option<&dyn Fn(&Vcsim) -> String>) -> World {
         let vc = Vcsim::start().expect("the vCenter emulator (tests/emulators/install.sh)");
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("rehost.toml");
         let tls_line = match tls {
-            Some(line) => line.to_owned(),
+            Some(line) => line(&vc),
             None => format!("ca_file = {:?}", vc.ca_pem.display().to_string()),
         };
         std::fs::write(
@@ -168,6 +168,26 @@ fn assert_no_rehost_snapshot(world: &World) {
     );
 }
 
+/// A snapshot taken by someone else, through the vSphere API.
+fn foreign_snapshot(vc: &Vcsim, name: &str, description: &str) {
+    use rehost_vsphere::{Client, ConnectOptions, Password, Tls};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut options = ConnectOptions::new(
+            vc.url.clone(),
+            vc.username.clone(),
+            Password::new(vc.password.clone()),
+        );
+        options.tls = Tls::CaFile(vc.ca_pem.clone());
+        let client = Client::connect(options).await.unwrap();
+        let vm = client.find_vm(VM).await.unwrap();
+        client
+            .create_snapshot(&vm.moref, name, description, false, false)
+            .await
+            .unwrap();
+    });
+}
+
 #[test]
 fn config_check_reports_version_and_missing_privileges() {
     let world = World::start();
@@ -211,20 +231,16 @@ fn wrong_password_wrong_thumbprint_and_unknown_vm_are_clear_errors() {
         "the password was printed: {err}"
     );
 
-    let wrong = "thumbprint = \"00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF\"";
-    let pinned = World::start_with_tls(Some(wrong));
+    // Pinned to another server's certificate (each emulator start makes a new one).
+    let other = world.vc.thumbprint.clone();
+    let pinned = World::start_with_tls(Some(&move |_: &Vcsim| format!("thumbprint = {other:?}")));
     let err = pinned.stderr_of_failure(&["servers", "import-catalog", "--source", "vc1"]);
-    assert!(err.to_lowercase().contains("thumbprint"), "{err}");
-
-    let right = format!("thumbprint = {:?}", world.vc.thumbprint);
-    let pinned = World::start_with_tls(Some(&right));
-    // The thumbprint of another emulator instance (a new certificate each start) fails...
-    let err = pinned.stderr_of_failure(&["servers", "import-catalog", "--source", "vc1"]);
-    assert!(err.to_lowercase().contains("thumbprint"), "{err}");
-    // ...its own passes.
-    let own = format!("thumbprint = {:?}", pinned.vc.thumbprint);
-    let pinned = World::start_with_tls(Some(&own));
-    pinned.json_ok(&[
+    assert!(err.contains("does not match the pinned"), "{err}");
+    // Pinned to its own: accepted.
+    let own = World::start_with_tls(Some(&|vc: &Vcsim| {
+        format!("thumbprint = {:?}", vc.thumbprint)
+    }));
+    own.json_ok(&[
         "servers",
         "import-catalog",
         "--source",
@@ -232,6 +248,10 @@ fn wrong_password_wrong_thumbprint_and_unknown_vm_are_clear_errors() {
         "--output",
         "json",
     ]);
+    // No trust configured: the system's roots do not know the emulator's CA.
+    let system = World::start_with_tls(Some(&|_: &Vcsim| String::new()));
+    let err = system.stderr_of_failure(&["servers", "import-catalog", "--source", "vc1"]);
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
 
     let err = world.stderr_of_failure(&[
         "export",
@@ -427,17 +447,11 @@ fn a_read_failure_mid_export_still_removes_the_snapshot() {
 #[test]
 fn a_killed_export_is_cleaned_up_without_touching_other_snapshots() {
     let world = World::start();
-    world.load_disk(256 * MIB);
-    // Someone else's snapshot, named like ours but without rehost's marker.
-    world
-        .vc
-        .create_snapshot(VM, "rehost-export-not-ours", "taken by an admin")
-        .unwrap();
-    world.vc.create_snapshot(VM, "before-patching", "").unwrap();
+    world.load_disk(64 * MIB);
     // Slow the reads down so the kill lands mid-export.
     world
         .vc
-        .slow_folder(&format!("{VM}/disk1-flat.vmdk"), 50)
+        .slow_folder(&format!("{VM}/disk1-flat.vmdk"), 3000, -1)
         .unwrap();
 
     let mut child = world
@@ -457,7 +471,7 @@ fn a_killed_export_is_cleaned_up_without_touching_other_snapshots() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let snaps = world.vc.snapshots(VM).unwrap();
-        if snaps.len() == 3 {
+        if snaps.len() == 1 {
             break;
         }
         assert!(
@@ -471,9 +485,12 @@ fn a_killed_export_is_cleaned_up_without_touching_other_snapshots() {
     child.wait().unwrap();
     assert_eq!(
         world.vc.snapshots(VM).unwrap().len(),
-        3,
+        1,
         "the killed export cannot have removed its snapshot"
     );
+    // Someone else's snapshots since, one named like ours but without rehost's marker.
+    foreign_snapshot(&world.vc, "rehost-export-not-ours", "taken by an admin");
+    foreign_snapshot(&world.vc, "before-patching", "");
 
     let v = world.json_ok(&["export", "--cleanup", "--source", "vc1", "--output", "json"]);
     assert_eq!(v["removed"].as_array().unwrap().len(), 1, "{v}");
