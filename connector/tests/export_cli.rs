@@ -3,6 +3,8 @@
 //! chunks, a base frozen while a snapshot exists, ExportVm, fault injection).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../importer/tests/common/mod.rs"]
+mod moto;
 #[path = "../../tests/emulators/vcsim/harness.rs"]
 mod vcsim;
 
@@ -120,7 +122,11 @@ password_env = "REHOST_TEST_VC1_PASSWORD"
             (size - MIB, MIB, 42),
         ] {
             for (i, b) in disk[start..start + len].iter_mut().enumerate() {
-                *b = (i as u8).wrapping_mul(31).wrapping_add(seed) | 1;
+                *b = u8::try_from(i % 251)
+                    .unwrap()
+                    .wrapping_mul(31)
+                    .wrapping_add(seed)
+                    | 1;
             }
         }
         let file = self.dir.path().join("disk.raw");
@@ -500,4 +506,134 @@ fn a_killed_export_is_cleaned_up_without_touching_other_snapshots() {
     // A second cleanup finds nothing.
     let v = world.json_ok(&["export", "--cleanup", "--source", "vc1", "--output", "json"]);
     assert_eq!(v["removed"].as_array().unwrap().len(), 0, "{v}");
+}
+
+/// Downloads every object under `prefix` of `bucket` into `dir`, by file name.
+async fn download_prefix(
+    clients: &rehost_importer::aws::Clients,
+    bucket: &str,
+    prefix: &str,
+    dir: &Path,
+) -> Vec<String> {
+    let listed = clients
+        .s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(prefix)
+        .send()
+        .await
+        .unwrap();
+    let mut names = Vec::new();
+    for object in listed.contents() {
+        let key = object.key().unwrap();
+        let body = clients
+            .s3
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        let bytes = body.body.collect().await.unwrap().into_bytes();
+        let name = key.rsplit('/').next().unwrap().to_owned();
+        std::fs::write(dir.join(&name), &bytes).unwrap();
+        names.push(name);
+    }
+    names
+}
+
+#[test]
+fn exports_stream_into_s3_and_chain_there() {
+    let world = World::start();
+    let aws = moto::Moto::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let clients = rt.block_on(aws.clients());
+    rt.block_on(moto::create_bucket(&clients, "exports"));
+    let size = 48 * MIB;
+    let disk = world.load_disk(size);
+    let aws_args = [
+        "--endpoint-url",
+        aws.endpoint.as_str(),
+        "--region",
+        "us-east-1",
+    ];
+    let export = |extra: &[&str]| {
+        let mut args = vec![
+            "export",
+            "--source",
+            "vc1",
+            "--vm",
+            VM,
+            "--to",
+            "s3://exports/vms/vm0",
+            "--output",
+            "json",
+        ];
+        args.extend_from_slice(&aws_args);
+        args.extend_from_slice(extra);
+        let out = world
+            .command(&args)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env_remove("AWS_PROFILE")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rehost {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let full = export(&[]);
+    let base = full["manifest"].as_str().unwrap().to_owned();
+    assert!(base.starts_with("s3://exports/vms/vm0/"), "{base}");
+    let mut new_disk = disk.clone();
+    let change = vec![0x5Au8; 300_000];
+    world
+        .vc
+        .disk_write(VM, KEY, 20 * MIB as u64, &change)
+        .unwrap();
+    new_disk[20 * MIB..20 * MIB + change.len()].copy_from_slice(&change);
+    let inc = export(&["--base", &base]);
+    assert!(inc["disks"][0]["data_bytes"].as_u64().unwrap() <= BLOCK);
+    assert_no_rehost_snapshot(&world);
+
+    let local = tempfile::tempdir().unwrap();
+    let names = rt.block_on(download_prefix(
+        &clients,
+        "exports",
+        "vms/vm0/",
+        local.path(),
+    ));
+    assert_eq!(
+        names.len(),
+        6,
+        "two images, two block lists, two manifests: {names:?}"
+    );
+    let m2: Value = serde_json::from_slice(
+        &std::fs::read(
+            local.path().join(
+                inc["manifest"]
+                    .as_str()
+                    .unwrap()
+                    .rsplit('/')
+                    .next()
+                    .unwrap(),
+            ),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let child = local.path().join(m2["disks"][0]["image"].as_str().unwrap());
+    assert_eq!(qemu_raw(&child), new_disk);
+    assert_eq!(
+        m2["disks"][0]["image_sha256"],
+        hex::encode(Sha256::digest(std::fs::read(&child).unwrap()))
+    );
+    // No multipart upload was left open.
+    let open = rt
+        .block_on(clients.s3.list_multipart_uploads().bucket("exports").send())
+        .unwrap();
+    assert!(open.uploads().is_empty());
 }
