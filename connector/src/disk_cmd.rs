@@ -53,7 +53,7 @@ pub enum DiskCommand {
         /// Output format.
         #[arg(long, value_parser = parse_output_format)]
         to: OutputFormat,
-        /// Write a differencing image (vmdk-sparse or vhd-dynamic) whose parent is PARENT.
+        /// Write a differencing image (vmdk-sparse, vmdk-stream or vhd-dynamic) whose parent is PARENT.
         #[arg(long)]
         parent: Option<PathBuf>,
         #[command(flatten)]
