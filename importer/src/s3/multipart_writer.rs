@@ -331,29 +331,7 @@ impl MultipartWriter {
 
     fn create_upload(&self) -> Result<String> {
         let (client, url) = (self.client.clone(), self.url.clone());
-        self.run(async move {
-            let target = url.to_string();
-            let created = retry(|| async {
-                client
-                    .create_multipart_upload()
-                    .bucket(&url.bucket)
-                    .key(&url.key)
-                    .checksum_algorithm(ChecksumAlgorithm::Sha256)
-                    .send()
-                    .await
-                    .map_err(|e| aws_error("CreateMultipartUpload", &target, &e))
-            })
-            .await?;
-            created
-                .upload_id()
-                .map(str::to_owned)
-                .ok_or_else(|| Error::Aws {
-                    operation: "CreateMultipartUpload",
-                    code: None,
-                    message: format!("{target}: no upload id in the answer"),
-                    kind: ErrorKind::Transient,
-                })
-        })
+        self.run(async move { super::stage::create_upload(&client, &url).await })
     }
 
     /// Blocks while `in_flight` parts are pending; fails with the first part failure.

@@ -108,6 +108,31 @@ pub(super) fn check_part_size(part: u64, size_bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// Starts a multipart upload of `url` with SHA-256 part checksums; returns its id.
+pub(super) async fn create_upload(client: &Client, url: &S3Url) -> Result<String> {
+    let target = url.to_string();
+    let created = retry(|| async {
+        client
+            .create_multipart_upload()
+            .bucket(&url.bucket)
+            .key(&url.key)
+            .checksum_algorithm(ChecksumAlgorithm::Sha256)
+            .send()
+            .await
+            .map_err(|e| aws_error("CreateMultipartUpload", &target, &e))
+    })
+    .await?;
+    created
+        .upload_id()
+        .map(str::to_owned)
+        .ok_or_else(|| Error::Aws {
+            operation: "CreateMultipartUpload",
+            code: None,
+            message: format!("{target}: no upload id in the answer"),
+            kind: ErrorKind::Transient,
+        })
+}
+
 /// Uploads `local_path` to `url`. `progress` gets the bytes acknowledged by S3 so far.
 pub async fn stage(
     clients: &Clients,
@@ -262,25 +287,7 @@ async fn put_multipart(
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<(String, u32)> {
     let target = url.to_string();
-    let created = retry(|| async {
-        client
-            .create_multipart_upload()
-            .bucket(&url.bucket)
-            .key(&url.key)
-            .checksum_algorithm(ChecksumAlgorithm::Sha256)
-            .send()
-            .await
-            .map_err(|e| aws_error("CreateMultipartUpload", &target, &e))
-    })
-    .await?;
-    let upload_id = created
-        .upload_id()
-        .ok_or_else(|| {
-            Error::InvalidInput(format!(
-                "{target}: CreateMultipartUpload returned no upload id"
-            ))
-        })?
-        .to_owned();
+    let upload_id = create_upload(client, url).await?;
     let mut guard = AbortGuard {
         client: client.clone(),
         url: url.clone(),
