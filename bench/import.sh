@@ -46,6 +46,9 @@ if [[ -z ${REHOST:-} ]]; then
   cargo build --release --locked -q -p rehost
   REHOST=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/rehost
 fi
+# A copy: a shared target directory may get another branch's build while this runs.
+cp "$REHOST" "$WORK/rehost.bin"
+REHOST=$WORK/rehost.bin
 PYTHON=$EMULATORS/moto-venv/bin/python
 
 raw="$WORK/disk.raw"
@@ -170,6 +173,7 @@ best_upload() {
 mib() { awk -v b="$1" -v s="$2" 'BEGIN{printf "%.1f", b/1048576/s}'; }
 
 part() { [[ ,$PARTS, == *",$1,"* ]]; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
 if part upload; then
 echo "# load average before: $(cut -d' ' -f1-3 /proc/loadavg); emulator limit ${PUTS_PER_SECOND} PutSnapshotBlock/s; ${data_blocks} data blocks of ${all_blocks}; best of ${RUNS}"
 printf '%-34s %8s %10s %9s %9s\n' upload seconds image_MB/s peak_MiB load1
@@ -183,7 +187,6 @@ for spec in "rehost $up_raw $data_blocks" "rehost $up_vmdk $data_blocks" \
   secs[$label]=$s
   printf '%-34s %8.2f %10s %9.1f %9s\n' "$label" "$s" "$(mib "$upload_bytes" "$s")" "$(awk -v k="$peak" 'BEGIN{print k/1024}')" "$(cut -d' ' -f1 /proc/loadavg)"
 done
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
 echo "throughput ratio rehost/coldsnap (raw, both omitting zero blocks): $(ratio "${secs[coldsnap-omit raw]}" "${secs[rehost raw]}")x"
 echo "throughput ratio rehost/coldsnap (raw, coldsnap's default of every block): $(ratio "${secs[coldsnap raw]}" "${secs[rehost raw]}")x"
 echo "capability: rehost reads the VMDK directly; coldsnap needs it converted to raw first"
