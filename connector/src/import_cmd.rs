@@ -14,8 +14,9 @@ use rehost_importer::aws::Clients;
 use rehost_importer::ebs::journal::{JournalLocation, SourceIdentity};
 use rehost_importer::ebs::uploader::Encryption;
 use rehost_importer::import::{
-    ImportOptions, ImportReport, ImportStatus, ProgressCallback, import,
+    DryRunReport, ImportOptions, ImportReport, ImportStatus, ProgressCallback, dry_run, import,
 };
+use rehost_importer::kms::KeyResolver;
 
 use crate::aws_args::{self, AwsArgs};
 use crate::output::{OutputMode, print_json};
@@ -64,8 +65,10 @@ pub struct ImportArgs {
     /// Parent snapshot (snap-…): write only what differs from it.
     #[arg(long, value_name = "SNAPSHOT_ID")]
     parent_snapshot: Option<String>,
-    /// KMS key ARN encrypting the first snapshot of a chain (implies --encrypted).
-    #[arg(long, conflicts_with = "parent_snapshot")]
+    /// KMS key encrypting the first snapshot of a chain (implies --encrypted): a key id,
+    /// alias/NAME, an alias ARN or a key ARN, resolved to the key's ARN (and checked to be
+    /// enabled) with KMS DescribeKey before anything is uploaded.
+    #[arg(long, value_name = "KEY", conflicts_with = "parent_snapshot")]
     kms_key_id: Option<String>,
     /// Encrypt the snapshot (with the account's default EBS key unless --kms-key-id).
     #[arg(long, conflicts_with = "parent_snapshot")]
@@ -79,6 +82,11 @@ pub struct ImportArgs {
     /// Journal file (default: one per import under $XDG_STATE_HOME/rehost/imports).
     #[arg(long, value_name = "FILE")]
     journal: Option<PathBuf>,
+    /// Read, plan and checksum the image as an import would, send nothing: prints the
+    /// blocks it would write and the checksum CompleteSnapshot would carry. Needs no
+    /// credentials for a local file.
+    #[arg(long, conflicts_with_all = ["parent_snapshot", "resume", "register_ami", "journal", "no_wait", "kms_key_id"])]
+    dry_run: bool,
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {
@@ -91,9 +99,13 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
 /// Runs `rehost import`.
 pub fn run(args: ImportArgs) -> Result<ExitCode> {
     let runtime = aws_args::runtime()?;
+    if args.dry_run {
+        return run_dry(&args, &runtime);
+    }
     let clients = runtime.block_on(args.aws.clients());
-    // Boot settings are checked before anything is uploaded.
+    // Boot settings and the KMS key are checked before anything is uploaded.
     let boot_request = BootRequest::parse(&args.boot_mode, &args.architecture)?;
+    let encryption = runtime.block_on(encryption(&args))?;
     // Opening reads headers (through S3 with ranged GETs when the source is there): done
     // outside the runtime's async context, as the S3 reader blocks on the runtime.
     let (disk, source) = aws_args::open_source(&args.source, &clients, &runtime)?;
@@ -103,6 +115,7 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
             &disk,
             source,
             &args,
+            &encryption,
             args.parent_snapshot.clone(),
         ))?;
         print_report(&report, args.output)?;
@@ -115,6 +128,7 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
         &disk,
         source,
         &args,
+        &encryption,
         args.parent_snapshot.clone(),
     ))?;
     if code != ExitCode::SUCCESS {
@@ -125,8 +139,14 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
     for data_disk in &args.data_disks {
         let (disk, source) = aws_args::open_source(data_disk, &clients, &runtime)?;
         // Data disks are full imports: --parent-snapshot names the root disk's parent.
-        let (data_report, code) =
-            runtime.block_on(import_disk(&clients, &disk, source, &args, None))?;
+        let (data_report, code) = runtime.block_on(import_disk(
+            &clients,
+            &disk,
+            source,
+            &args,
+            &encryption,
+            None,
+        ))?;
         if code != ExitCode::SUCCESS {
             print_report(&data_report, args.output)?;
             return Ok(code);
@@ -156,6 +176,81 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The encryption asked for, the KMS key resolved to its ARN (StartSnapshot takes nothing
+/// else) and checked to be usable, so a wrong or disabled key stops the import before it
+/// starts a snapshot.
+async fn encryption(args: &ImportArgs) -> Result<Encryption> {
+    let Some(key) = &args.kms_key_id else {
+        return Ok(if args.encrypted {
+            Encryption::Encrypted { kms_key_arn: None }
+        } else {
+            Encryption::Default
+        });
+    };
+    let resolver = KeyResolver::load(&args.aws.options()).await;
+    let resolved = resolver
+        .resolve(key)
+        .await
+        .context("resolving --kms-key-id")?;
+    Ok(Encryption::Encrypted {
+        kms_key_arn: Some(resolved.arn),
+    })
+}
+
+/// `--dry-run`: the import's read → plan → checksum pipeline, nothing sent.
+fn run_dry(args: &ImportArgs, runtime: &tokio::runtime::Runtime) -> Result<ExitCode> {
+    // A local file needs no AWS configuration (loading it may probe for a region).
+    let (disk, source) = if rehost_importer::s3::S3Url::is_s3(&args.source) {
+        let clients = runtime.block_on(args.aws.clients());
+        aws_args::open_source(&args.source, &clients, runtime)?
+    } else {
+        let disk = Disk::open(&args.source).with_context(|| format!("opening {}", args.source))?;
+        let source = SourceIdentity::local(std::path::Path::new(&args.source))?;
+        (disk, source)
+    };
+    // No journal is written: the location is only where an import would keep it.
+    let location = JournalLocation {
+        dir: JournalLocation::default_dir(),
+        file: None,
+    };
+    let mut options = ImportOptions::new(source, location);
+    options.volume_size_gib = args.volume_size_gib;
+    if args.encrypted {
+        options.encryption = Encryption::Encrypted { kms_key_arn: None };
+    }
+    let bar = bytes_bar(
+        disk.virtual_size(),
+        "reading",
+        args.output == OutputMode::Json,
+    );
+    let progress_bar = bar.clone();
+    options.progress = Some(ProgressCallback(Arc::new(move |p| {
+        progress_bar.set_position(p.position_bytes);
+    })));
+    let report = runtime.block_on(dry_run(&disk, &options));
+    bar.finish_and_clear();
+    let report = report.with_context(|| format!("planning {}", args.source))?;
+    match args.output {
+        OutputMode::Json => print_json(&report)?,
+        OutputMode::Table => print_dry_table(&report),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_dry_table(r: &DryRunReport) {
+    let rows = [
+        ("volume size", format!("{} GiB", r.volume_size_gib)),
+        ("blocks to write", r.blocks_written.to_string()),
+        ("blocks skipped", r.blocks_skipped.to_string()),
+        ("bytes read", r.bytes_read.to_string()),
+        ("encrypted", r.encrypted.to_string()),
+        ("checksum", r.linear_checksum.clone()),
+    ];
+    for (k, v) in rows {
+        println!("{k:<15} {v}");
+    }
+}
+
 fn print_report(report: &ImportReport, output: OutputMode) -> Result<()> {
     match output {
         OutputMode::Json => print_json(report)?,
@@ -171,6 +266,7 @@ pub async fn import_disk(
     disk: &Disk,
     source: SourceIdentity,
     args: &ImportArgs,
+    encryption: &Encryption,
     parent_snapshot: Option<String>,
 ) -> Result<(ImportReport, ExitCode)> {
     let location = JournalLocation {
@@ -183,13 +279,7 @@ pub async fn import_disk(
     options.tags = args.tags.clone();
     options.concurrency = args.concurrency.max(1);
     options.parent_snapshot_id = parent_snapshot;
-    options.encryption = if args.encrypted || args.kms_key_id.is_some() {
-        Encryption::Encrypted {
-            kms_key_arn: args.kms_key_id.clone(),
-        }
-    } else {
-        Encryption::Default
-    };
+    options.encryption = encryption.clone();
     options.no_wait = args.no_wait;
     options.resume = args.resume;
 
@@ -242,6 +332,10 @@ fn print_table(r: &ImportReport) {
             r.parent_snapshot_id.clone().unwrap_or_else(|| "-".into()),
         ),
         ("encrypted", r.encrypted.to_string()),
+        (
+            "kms key",
+            r.kms_key_arn.clone().unwrap_or_else(|| "-".into()),
+        ),
         ("journal", r.journal.clone()),
     ];
     for (k, v) in rows {

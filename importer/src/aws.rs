@@ -1,11 +1,11 @@
 //! AWS client construction with the usual credential chain and AWS CLI conventions:
 //! `--region`, `--profile`, and one `--endpoint-url` for every service (the emulator).
 
-use aws_config::{BehaviorVersion, Region};
+use aws_config::{BehaviorVersion, Region, SdkConfig};
 
 // Callers build requests with the SDKs' types (ByteStream, enums) without depending on
 // the SDK crates themselves, so they always get the versions the importer was built with.
-pub use {aws_sdk_ebs, aws_sdk_ec2, aws_sdk_s3};
+pub use {aws_sdk_ebs, aws_sdk_ec2, aws_sdk_kms, aws_sdk_s3};
 
 /// Where and as whom to talk to AWS.
 #[derive(Debug, Clone, Default)]
@@ -35,22 +35,7 @@ pub struct Clients {
 impl Clients {
     /// Loads the configuration (credential chain, region) and builds every client.
     pub async fn load(options: &AwsOptions) -> Self {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest());
-        if let Some(region) = &options.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
-        if let Some(profile) = &options.profile {
-            loader = loader.profile_name(profile);
-        }
-        if let Some(endpoint) = &options.endpoint_url {
-            loader = loader.endpoint_url(endpoint);
-        }
-        if let Some((access_key, secret_key)) = &options.static_credentials {
-            loader = loader.credentials_provider(aws_sdk_ebs::config::Credentials::new(
-                access_key, secret_key, None, None, "static",
-            ));
-        }
-        let config = loader.load().await;
+        let config = sdk_config(options).await;
         // Emulators serve buckets by path, not by virtual host.
         let s3_config = aws_sdk_s3::config::Builder::from(&config)
             .force_path_style(options.endpoint_url.is_some())
@@ -61,4 +46,26 @@ impl Clients {
             s3: aws_sdk_s3::Client::from_conf(s3_config),
         }
     }
+}
+
+/// The shared SDK configuration for `options`: every client the importer builds (the KMS
+/// one of [`crate::kms::KeyResolver`] too) comes from it, so all talk to the same
+/// endpoint, region and account.
+pub async fn sdk_config(options: &AwsOptions) -> SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(region) = &options.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    if let Some(profile) = &options.profile {
+        loader = loader.profile_name(profile);
+    }
+    if let Some(endpoint) = &options.endpoint_url {
+        loader = loader.endpoint_url(endpoint);
+    }
+    if let Some((access_key, secret_key)) = &options.static_credentials {
+        loader = loader.credentials_provider(aws_sdk_ebs::config::Credentials::new(
+            access_key, secret_key, None, None, "static",
+        ));
+    }
+    loader.load().await
 }

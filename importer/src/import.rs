@@ -180,6 +180,10 @@ pub struct ImportReport {
     pub parent_digests_from: Option<&'static str>,
     /// Whether the snapshot is encrypted.
     pub encrypted: bool,
+    /// The KMS key ARN asked for (first snapshot of a chain; children inherit their
+    /// parent's key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kms_key_arn: Option<String>,
     /// The image's virtual size.
     pub virtual_size_bytes: u64,
     /// The journal of this import.
@@ -195,12 +199,11 @@ pub async fn import(
     disk: &Disk,
     options: &ImportOptions,
 ) -> Result<ImportReport> {
+    check_kms_key_arn(&options.encryption)?;
     let ebs = without_sdk_retries_ebs(&clients.ebs);
     let ec2 = without_sdk_retries_ec2(&clients.ec2);
     let retry = &options.retry;
     let virtual_size = disk.virtual_size();
-    let needed_gib = i64::try_from(virtual_size.div_ceil(1 << 30).max(1))
-        .map_err(|_| Error::InvalidInput("image too large".into()))?;
 
     let parent = match &options.parent_snapshot_id {
         Some(id) => {
@@ -216,15 +219,7 @@ pub async fn import(
         None => None,
     };
     let parent_gib = parent.as_ref().map_or(0, |(_, p)| p.volume_size_gib);
-    let volume_size_gib = match options.volume_size_gib {
-        Some(asked) if asked < needed_gib.max(parent_gib) => {
-            return Err(Error::InvalidInput(format!(
-                "--volume-size-gib {asked} is smaller than the image ({needed_gib} GiB) or the parent snapshot ({parent_gib} GiB)"
-            )));
-        }
-        Some(asked) => asked,
-        None => needed_gib.max(parent_gib),
-    };
+    let volume_size_gib = volume_size_gib(virtual_size, options.volume_size_gib, parent_gib)?;
     let spec_encryption = options.encryption.clone();
     let encrypted = match &parent {
         Some((_, info)) => info.encrypted,
@@ -362,6 +357,10 @@ pub async fn import(
         parent_snapshot_id: options.parent_snapshot_id.clone(),
         parent_digests_from,
         encrypted,
+        kms_key_arn: match &options.encryption {
+            Encryption::Encrypted { kms_key_arn } => kms_key_arn.clone(),
+            Encryption::Default => None,
+        },
         virtual_size_bytes: virtual_size,
         journal: journal_path.clone(),
         ami_id: None,
@@ -392,6 +391,127 @@ pub async fn import(
         read::wait_completed(&ec2, retry, &snapshot_id, options.wait_timeout).await?;
     }
     Ok(report)
+}
+
+/// The snapshot's size: the image's virtual size rounded up to a GiB, or the parent's if
+/// larger, or what was asked if not smaller than either.
+fn volume_size_gib(virtual_size: u64, asked: Option<i64>, parent_gib: i64) -> Result<i64> {
+    let needed_gib = i64::try_from(virtual_size.div_ceil(1 << 30).max(1))
+        .map_err(|_| Error::InvalidInput("image too large".into()))?;
+    match asked {
+        Some(asked) if asked < needed_gib.max(parent_gib) => Err(Error::InvalidInput(format!(
+            "--volume-size-gib {asked} is smaller than the image ({needed_gib} GiB) or the parent snapshot ({parent_gib} GiB)"
+        ))),
+        Some(asked) => Ok(asked),
+        None => Ok(needed_gib.max(parent_gib)),
+    }
+}
+
+/// What a full import of an image would write, found without AWS.
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRunReport {
+    /// Always `full`: a dry run has no parent snapshot to compare with.
+    pub mode: ImportMode,
+    /// Volume size the snapshot would have, GiB.
+    pub volume_size_gib: i64,
+    /// Blocks an import would write (PutSnapshotBlock calls, ChangedBlocksCount).
+    pub blocks_written: u64,
+    /// Blocks of the volume it would not write (zero or unallocated).
+    pub blocks_skipped: u64,
+    /// Bytes of image data read.
+    pub bytes_read: u64,
+    /// Whether it was planned as encrypted (every block written).
+    pub encrypted: bool,
+    /// The image's virtual size.
+    pub virtual_size_bytes: u64,
+    /// The linear aggregated checksum CompleteSnapshot would carry (base64).
+    pub linear_checksum: String,
+}
+
+/// The reading half of a full import into a null sink: the image read and decoded, re-cut
+/// into blocks, each hashed, the linear checksum aggregated, exactly as [`import`] does it,
+/// but nothing sent. It answers "what would this import write?" without credentials, and
+/// measures the pipeline's own throughput (see `bench/import.sh`).
+pub async fn dry_run(disk: &Disk, options: &ImportOptions) -> Result<DryRunReport> {
+    if options.parent_snapshot_id.is_some() {
+        return Err(Error::InvalidInput(
+            "a dry run reads no snapshot: it plans full imports only (no parent snapshot)".into(),
+        ));
+    }
+    let virtual_size = disk.virtual_size();
+    let volume_size_gib = volume_size_gib(virtual_size, options.volume_size_gib, 0)?;
+    let encrypted = options.encryption != Encryption::Default;
+    let volume_blocks = u64::try_from(volume_size_gib).unwrap_or(0) * BLOCKS_PER_GIB;
+    let plan = Plan {
+        mode: ImportMode::Full,
+        policy: Policy {
+            write_zeros: encrypted,
+            has_parent: false,
+        },
+        volume_blocks,
+        parent_digests: None,
+        encrypted,
+    };
+    let (tx, mut rx) = mpsc::channel::<Result<Step>>(CHANNEL_BLOCKS);
+    let bytes_read = Arc::new(AtomicU64::new(0));
+    let position = Arc::new(AtomicU64::new(0));
+    {
+        let (disk, bytes_read, position, threads) = (
+            disk.clone(),
+            bytes_read.clone(),
+            position.clone(),
+            options.reader_threads,
+        );
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = plan_blocks(&disk, &plan, threads, &bytes_read, &position, &tx) {
+                // The receiver is gone only if the caller stopped waiting.
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+    }
+    let mut linear = LinearChecksum::default();
+    while let Some(step) = rx.recv().await {
+        match step? {
+            Step::Send(block) => linear.add(block.index, &block.sha256)?,
+            Step::Same { index, .. } | Step::Partial { index, .. } => {
+                return Err(Error::InvalidInput(format!(
+                    "block {index}: a full import without a parent planned a parent comparison"
+                )));
+            }
+        }
+        if let Some(progress) = &options.progress {
+            (progress.0)(&Progress {
+                blocks_written: linear.blocks(),
+                position_bytes: position.load(Ordering::Relaxed),
+                virtual_size_bytes: virtual_size,
+            });
+        }
+    }
+    let blocks_written = linear.blocks();
+    Ok(DryRunReport {
+        mode: ImportMode::Full,
+        volume_size_gib,
+        blocks_written,
+        blocks_skipped: volume_blocks.saturating_sub(blocks_written),
+        bytes_read: bytes_read.load(Ordering::Relaxed),
+        encrypted,
+        virtual_size_bytes: virtual_size,
+        linear_checksum: linear.finish(),
+    })
+}
+
+/// StartSnapshot takes only a key ARN: an id or alias must be resolved first (with
+/// [`crate::kms::KeyResolver`], which also checks the key is enabled), else EBS would refuse
+/// it, or worse, a lax endpoint would accept a name that later means another key.
+fn check_kms_key_arn(encryption: &Encryption) -> Result<()> {
+    match encryption {
+        Encryption::Encrypted {
+            kms_key_arn: Some(key),
+        } if !crate::kms::is_key_arn(key) => Err(Error::InvalidInput(format!(
+            "KMS key {key:?} is not a key ARN (arn:aws:kms:REGION:ACCOUNT:key/ID): resolve ids and aliases with kms::KeyResolver first"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The pending journal to resume, checked against the source.

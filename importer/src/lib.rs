@@ -12,6 +12,7 @@ pub mod bootinfo;
 pub mod ebs;
 pub mod error;
 pub mod import;
+pub mod kms;
 pub mod retry;
 pub mod s3;
 pub mod verify;
