@@ -1,6 +1,9 @@
 //! A vSphere SOAP reply, as a server (or anything in between) might send it: the envelope
 //! parser, then every model reader over each `returnval`. Any input must give a value or
 //! an error, never a panic or a hang.
+//!
+//! `cargo +nightly fuzz run soap_reply corpus/soap_reply seeds/soap_reply` (the seeds are
+//! vCenter- and vcsim-shaped replies; the corpus folder is local and ignored).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use rehost_vsphere::soap::model::{
