@@ -22,7 +22,6 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedPart};
 use bytes::Bytes;
-use rehost_core::ErrorKind;
 use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
@@ -35,7 +34,7 @@ use super::url::S3Url;
 use crate::aws::Clients;
 use crate::blocks::base64;
 use crate::error::{Error, Result};
-use crate::retry::{NotFound, RetryPolicy, classify as aws_error, retry, with_retry};
+use crate::retry::{RetryPolicy, classify as aws_error, retry};
 
 /// Parts uploading at once by default: four 8 MiB parts keep a gigabit link busy at S3's
 /// usual 20–50 ms per request while the writer holds at most 40 MiB.
@@ -307,9 +306,11 @@ impl MultipartWriter {
             client: self.client.clone(),
             url: self.url.clone(),
             upload_id,
-            number,
-            data,
-            sha256_base64,
+            part: super::stage::Part {
+                number,
+                data,
+                sha256_base64,
+            },
             retry: self.retry,
         };
         let shared = self.shared.clone();
@@ -499,57 +500,21 @@ struct PartUpload {
     client: Client,
     url: S3Url,
     upload_id: String,
-    number: i32,
-    data: Bytes,
-    sha256_base64: String,
+    part: super::stage::Part,
     retry: RetryPolicy,
 }
 
 impl PartUpload {
     async fn send(&self) -> Result<CompletedPart> {
-        let what = format!("{} part {}", self.url, self.number);
-        let output = with_retry(&self.retry, NotFound::Fail, || async {
-            self.client
-                .upload_part()
-                .bucket(&self.url.bucket)
-                .key(&self.url.key)
-                .upload_id(&self.upload_id)
-                .part_number(self.number)
-                .content_length(content_length(&self.data))
-                .checksum_algorithm(ChecksumAlgorithm::Sha256)
-                .checksum_sha256(&self.sha256_base64)
-                .body(ByteStream::from(self.data.clone()))
-                .send()
-                .await
-                .map_err(|e| aws_error("UploadPart", &what, &e))
-        })
+        let stored = super::stage::upload_part(
+            &self.client,
+            &self.url,
+            &self.upload_id,
+            &self.part,
+            &self.retry,
+        )
         .await?;
-        let etag = output.e_tag().ok_or_else(|| Error::Aws {
-            operation: "UploadPart",
-            code: None,
-            message: format!("{what}: no ETag in the answer"),
-            kind: ErrorKind::Transient,
-        })?;
-        if output
-            .checksum_sha256()
-            .is_some_and(|theirs| theirs != self.sha256_base64)
-        {
-            return Err(Error::Aws {
-                operation: "UploadPart",
-                code: None,
-                message: format!(
-                    "{what}: S3 stored SHA-256 {:?}, we sent {}",
-                    output.checksum_sha256(),
-                    self.sha256_base64
-                ),
-                kind: ErrorKind::Transient,
-            });
-        }
-        tracing::debug!(part = self.number, bytes = self.data.len(), url = %self.url, "part stored");
-        Ok(CompletedPart::builder()
-            .part_number(self.number)
-            .e_tag(etag)
-            .checksum_sha256(&self.sha256_base64)
-            .build())
+        tracing::debug!(part = self.part.number, bytes = self.part.data.len(), url = %self.url, "part stored");
+        Ok(stored)
     }
 }

@@ -21,7 +21,7 @@ use super::url::S3Url;
 use crate::aws::Clients;
 use crate::blocks::base64;
 use crate::error::{Error, Result};
-use crate::retry::{classify as aws_error, is_retryable, retry};
+use crate::retry::{NotFound, RetryPolicy, classify as aws_error, is_retryable, retry, with_retry};
 
 const MIB: u64 = 1 << 20;
 /// S3's smallest part (all but the last).
@@ -193,11 +193,11 @@ struct Source {
     whole: Arc<Mutex<Sha256>>,
 }
 
-/// One part read from disk.
-struct Part {
-    number: i32,
-    data: Bytes,
-    sha256_base64: String,
+/// One part: its number, bytes and their SHA-256 (base64, as S3 checks it).
+pub(super) struct Part {
+    pub(super) number: i32,
+    pub(super) data: Bytes,
+    pub(super) sha256_base64: String,
 }
 
 impl Source {
@@ -325,7 +325,8 @@ async fn upload_and_complete(
         .then(|number| source.read_part(number, cancel))
         .map(|part| async {
             let part = part?;
-            let completed = upload_part(client, url, upload_id, &part).await?;
+            let completed =
+                upload_part(client, url, upload_id, &part, &RetryPolicy::default()).await?;
             let done = done_bytes.fetch_add(part.data.len() as u64, Ordering::Relaxed)
                 + part.data.len() as u64;
             progress(done);
@@ -340,14 +341,16 @@ async fn upload_and_complete(
     Ok((etag, count))
 }
 
-async fn upload_part(
+/// UploadPart with its SHA-256, retried under `policy`; checks the checksum S3 stored.
+pub(super) async fn upload_part(
     client: &Client,
     url: &S3Url,
     upload_id: &str,
     part: &Part,
+    policy: &RetryPolicy,
 ) -> Result<CompletedPart> {
     let what = format!("{url} part {}", part.number);
-    let output = retry(|| async {
+    let output = with_retry(policy, NotFound::Fail, || async {
         client
             .upload_part()
             .bucket(&url.bucket)
@@ -363,9 +366,13 @@ async fn upload_part(
             .map_err(|e| aws_error("UploadPart", &what, &e))
     })
     .await?;
-    let etag = output
-        .e_tag()
-        .ok_or_else(|| Error::InvalidInput(format!("{what}: UploadPart returned no ETag")))?;
+    // A missing ETag is a malformed answer (a proxy, a truncated body), not our mistake.
+    let etag = output.e_tag().ok_or_else(|| Error::Aws {
+        operation: "UploadPart",
+        code: None,
+        message: format!("{what}: no ETag in the answer"),
+        kind: ErrorKind::Transient,
+    })?;
     if let Some(theirs) = output.checksum_sha256() {
         if theirs != part.sha256_base64 {
             return Err(Error::Aws {
