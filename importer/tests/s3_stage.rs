@@ -14,65 +14,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::{Faults, Moto};
 use rehost_core::ErrorKind;
-use rehost_importer::aws::Clients;
 use rehost_importer::s3::{S3Url, StageOptions, stage};
 use sha2::{Digest, Sha256};
 
 const MIB: usize = 1 << 20;
 
-/// Bytes that differ from part to part, so a part put in the wrong place shows.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-async fn create_bucket(clients: &Clients, bucket: &str) {
-    // Retried by hand: with fault injection on, this call may be answered with a 5xx.
-    for _ in 0..20 {
-        if clients
-            .s3
-            .create_bucket()
-            .bucket(bucket)
-            .send()
-            .await
-            .is_ok()
-        {
-            return;
-        }
-    }
-    panic!("cannot create bucket {bucket}");
-}
-
-async fn object(clients: &Clients, url: &S3Url) -> Vec<u8> {
-    let out = clients
-        .s3
-        .get_object()
-        .bucket(&url.bucket)
-        .key(&url.key)
-        .send()
-        .await
-        .unwrap();
-    out.body.collect().await.unwrap().into_bytes().to_vec()
-}
-
-async fn open_uploads(clients: &Clients, bucket: &str) -> usize {
-    clients
-        .s3
-        .list_multipart_uploads()
-        .bucket(bucket)
-        .send()
-        .await
-        .unwrap()
-        .uploads()
-        .len()
-}
+use common::{create_bucket, object, open_uploads, pattern};
 
 fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
     let path = dir.join(name);

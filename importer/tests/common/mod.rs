@@ -11,6 +11,7 @@ use rehost_importer::aws::aws_sdk_ebs::primitives::ByteStream;
 use rehost_importer::aws::aws_sdk_ebs::types::{ChecksumAggregationMethod, ChecksumAlgorithm};
 use rehost_importer::aws::{AwsOptions, Clients};
 use rehost_importer::blocks::{BLOCK_LEN, LinearChecksum, base64, block_sha256};
+use rehost_importer::s3::S3Url;
 
 /// A running emulator.
 #[derive(Debug)]
@@ -192,13 +193,59 @@ pub async fn put_snapshot(clients: &Clients, image: &[u8]) -> String {
     panic!("snapshot {snapshot_id} never completed");
 }
 
-/// Creates an S3 bucket on the emulator.
+/// Creates an S3 bucket on the emulator, retried by hand: with fault injection on, this
+/// call may be answered with a 5xx.
 pub async fn create_bucket(clients: &Clients, bucket: &str) {
-    clients
+    for _ in 0..20 {
+        if clients
+            .s3
+            .create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    panic!("cannot create bucket {bucket}");
+}
+
+/// Bytes that differ from part to part, so a part put in the wrong place shows.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+/// The whole object at `url`.
+pub async fn object(clients: &Clients, url: &S3Url) -> Vec<u8> {
+    let out = clients
         .s3
-        .create_bucket()
-        .bucket(bucket)
+        .get_object()
+        .bucket(&url.bucket)
+        .key(&url.key)
         .send()
         .await
         .unwrap();
+    out.body.collect().await.unwrap().into_bytes().to_vec()
+}
+
+/// How many multipart uploads of `bucket` are open.
+pub async fn open_uploads(clients: &Clients, bucket: &str) -> usize {
+    clients
+        .s3
+        .list_multipart_uploads()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap()
+        .uploads()
+        .len()
 }
