@@ -96,19 +96,16 @@ password_env = "REHOST_TEST_VC1_PASSWORD"
         self.dir.path().join("exports")
     }
 
+    /// `rehost export` of the test VM to `to`, then `extra`.
+    fn export_args<'a>(to: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["export", "--source", "vc1", "--vm", VM, "--to", to];
+        args.extend_from_slice(extra);
+        args
+    }
+
     fn export(&self, extra: &[&str]) -> Value {
         let to = self.out();
-        let mut args = vec![
-            "export",
-            "--source",
-            "vc1",
-            "--vm",
-            VM,
-            "--to",
-            p(&to),
-            "--output",
-            "json",
-        ];
+        let mut args = World::export_args(p(&to), &["--output", "json"]);
         args.extend_from_slice(extra);
         self.json_ok(&args)
     }
@@ -396,17 +393,10 @@ fn full_then_incremental_export_decode_to_the_vm_disk() {
 fn a_powered_off_vm_exports_through_export_vm() {
     let world = World::start();
     let disk = world.load_disk(32 * MIB);
-    let err = world.stderr_of_failure(&[
-        "export",
-        "--source",
-        "vc1",
-        "--vm",
-        VM,
-        "--to",
+    let err = world.stderr_of_failure(&World::export_args(
         p(&world.out()),
-        "--via",
-        "export-vm",
-    ]);
+        &["--via", "export-vm"],
+    ));
     assert!(err.contains("powered-off"), "{err}");
     world.vc.set_power(VM, PowerState::Off).unwrap();
     let v = world.export(&["--via", "export-vm"]);
@@ -424,15 +414,7 @@ fn a_read_failure_mid_export_still_removes_the_snapshot() {
         .vc
         .fail_folder_after(&format!("{VM}/disk1-flat.vmdk"), 2 * MIB as u64, 1000)
         .unwrap();
-    let err = world.stderr_of_failure(&[
-        "export",
-        "--source",
-        "vc1",
-        "--vm",
-        VM,
-        "--to",
-        p(&world.out()),
-    ]);
+    let err = world.stderr_of_failure(&World::export_args(p(&world.out()), &[]));
     assert!(err.contains("disk 2000"), "{err}");
     assert_no_rehost_snapshot(&world);
     // Nothing that looks like a finished image or manifest was left.
@@ -461,15 +443,7 @@ fn a_killed_export_is_cleaned_up_without_touching_other_snapshots() {
         .unwrap();
 
     let mut child = world
-        .command(&[
-            "export",
-            "--source",
-            "vc1",
-            "--vm",
-            VM,
-            "--to",
-            p(&world.out()),
-        ])
+        .command(&World::export_args(p(&world.out()), &[]))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -558,17 +532,7 @@ fn exports_stream_into_s3_and_chain_there() {
         "us-east-1",
     ];
     let export = |extra: &[&str]| {
-        let mut args = vec![
-            "export",
-            "--source",
-            "vc1",
-            "--vm",
-            VM,
-            "--to",
-            "s3://exports/vms/vm0",
-            "--output",
-            "json",
-        ];
+        let mut args = World::export_args("s3://exports/vms/vm0", &["--output", "json"]);
         args.extend_from_slice(&aws_args);
         args.extend_from_slice(extra);
         let out = world
