@@ -62,9 +62,6 @@ pub struct ExportArgs {
     /// VMs, or just --vm).
     #[arg(long, conflicts_with_all = ["to", "base", "quiesce"])]
     cleanup: bool,
-    /// Disk reads in flight at once.
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
     /// The config file (else $REHOST_CONFIG, else ./rehost.toml).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -747,6 +744,8 @@ async fn cleanup(
         removed: Vec::new(),
         failed: Vec::new(),
     };
+    // (VM id, snapshot name) of every snapshot still on the VMs once we are done.
+    let mut remaining = std::collections::HashSet::new();
     for vm in &vms {
         let snapshots = client
             .list_snapshots(&vm.moref)
@@ -756,6 +755,7 @@ async fn cleanup(
             let ours = snap.name.starts_with(SNAPSHOT_PREFIX)
                 && snap.description.starts_with(SNAPSHOT_MARKER);
             if !ours {
+                remaining.insert((vm.info.id.0.clone(), snap.name));
                 continue;
             }
             let label = format!("{} on {}", snap.name, vm.info.name);
@@ -766,22 +766,18 @@ async fn cleanup(
                     }
                     report.removed.push(label);
                 }
-                Err(err) => report.failed.push(format!("{label}: {err}")),
+                Err(err) => {
+                    report.failed.push(format!("{label}: {err}"));
+                    remaining.insert((vm.info.id.0.clone(), snap.name));
+                }
             }
         }
     }
     // Ledger entries whose snapshot is no longer on its VM (removed by hand, or never
     // created) are closed; those on VMs outside the filter are left alone.
     for entry in store.open_snapshots(source)? {
-        let Some(vm) = vms.iter().find(|v| v.info.id.0 == entry.vm_id) else {
-            continue;
-        };
-        let present = client
-            .list_snapshots(&vm.moref)
-            .await?
-            .iter()
-            .any(|s| s.name == entry.name);
-        if !present {
+        let in_scope = vms.iter().any(|v| v.info.id.0 == entry.vm_id);
+        if in_scope && !remaining.contains(&(entry.vm_id.clone(), entry.name.clone())) {
             store.snapshot_removed(entry.id)?;
         }
     }

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use rehost_importer::aws::Clients;
@@ -329,12 +329,6 @@ impl TargetWriter for S3Target {
             sha256: report.sha256,
         })
     }
-}
-
-/// For tests and messages: a local path's folder.
-#[allow(dead_code)]
-pub fn dir_of(path: &Path) -> &Path {
-    path.parent().unwrap_or(Path::new("."))
 }
 
 #[cfg(test)]
