@@ -22,24 +22,29 @@ pub fn sha256(disk: &Disk, threads: usize, progress: &mut dyn FnMut(u64)) -> Res
         unallocated_as_zero: true,
         ..StreamOptions::default()
     };
-    let zeros = vec![0u8; 1 << 20];
     let mut hasher = Sha256::new();
     for_each_extent(disk, &options, |extent| {
         match &extent {
             Extent::Data { data, .. } => hasher.update(data),
             Extent::Zero { len, .. } | Extent::Unchanged { len, .. } => {
-                let mut left = *len;
-                while left > 0 {
-                    let n = usize::try_from(left).map_or(zeros.len(), |l| l.min(zeros.len()));
-                    hasher.update(&zeros[..n]);
-                    left -= n as u64;
-                }
+                update_zeros(&mut hasher, *len)
             }
         }
         progress(extent.end());
         Ok(())
     })?;
     Ok(hasher.finalize().into())
+}
+
+/// Feeds `len` zero bytes to `hasher` without allocating them.
+pub fn update_zeros(hasher: &mut Sha256, len: u64) {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left).map_or(ZEROS.len(), |l| l.min(ZEROS.len()));
+        hasher.update(&ZEROS[..n]);
+        left -= n as u64;
+    }
 }
 
 /// The block size of [`BlockDigests`]: the EBS block.
@@ -122,7 +127,6 @@ impl BlockDigests {
                 self.capacity
             )));
         }
-        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         match extent {
             Extent::Data { data, .. } => {
                 let mut rest: &[u8] = data;
@@ -150,9 +154,8 @@ impl BlockDigests {
                         self.position = block_end;
                         continue;
                     }
-                    let take = (block_end.min(end) - self.position).min(ZEROS.len() as u64);
-                    self.current
-                        .update(&ZEROS[..usize::try_from(take).unwrap_or(0)]);
+                    let take = block_end.min(end) - self.position;
+                    update_zeros(&mut self.current, take);
                     self.current_unchanged |= unchanged;
                     self.position += take;
                     self.close_block_if_full()?;

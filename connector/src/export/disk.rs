@@ -205,7 +205,6 @@ fn write_blocking(
     // A full export also hashes the whole disk; an incremental reads too little for that.
     let mut disk_hash = job.parent.is_none().then(Sha256::new);
     let mut digests = BlockDigests::new(capacity, job.parent.map(|p| p.digests))?;
-    let zeros = vec![0u8; 1 << 20];
     let mut data_bytes = 0u64;
     for extent in extents {
         let extent = extent?;
@@ -219,12 +218,7 @@ fn write_blocking(
             }
             Extent::Zero { len, .. } | Extent::Unchanged { len, .. } => {
                 if let Some(hash) = &mut disk_hash {
-                    let mut left = *len;
-                    while left > 0 {
-                        let n = left.min(zeros.len() as u64);
-                        hash.update(&zeros[..usize::try_from(n).unwrap_or(0)]);
-                        left -= n;
-                    }
+                    rehost_diskimage::checksum::update_zeros(hash, *len);
                 }
             }
         }
