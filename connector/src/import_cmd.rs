@@ -218,15 +218,7 @@ fn run_dry(args: &ImportArgs, runtime: &tokio::runtime::Runtime) -> Result<ExitC
     if args.encrypted {
         options.encryption = Encryption::Encrypted { kms_key_arn: None };
     }
-    let bar = bytes_bar(
-        disk.virtual_size(),
-        "reading",
-        args.output == OutputMode::Json,
-    );
-    let progress_bar = bar.clone();
-    options.progress = Some(ProgressCallback(Arc::new(move |p| {
-        progress_bar.set_position(p.position_bytes);
-    })));
+    let bar = progress_into(&mut options, disk.virtual_size(), "reading", args.output);
     let report = runtime.block_on(dry_run(&disk, &options));
     bar.finish_and_clear();
     let report = report.with_context(|| format!("planning {}", args.source))?;
@@ -283,15 +275,7 @@ pub async fn import_disk(
     options.no_wait = args.no_wait;
     options.resume = args.resume;
 
-    let bar = bytes_bar(
-        disk.virtual_size(),
-        "importing",
-        args.output == OutputMode::Json,
-    );
-    let progress_bar = bar.clone();
-    options.progress = Some(ProgressCallback(Arc::new(move |p| {
-        progress_bar.set_position(p.position_bytes);
-    })));
+    let bar = progress_into(&mut options, disk.virtual_size(), "importing", args.output);
     // Ctrl-C stops cleanly: blocks in flight are acknowledged and journaled, so --resume
     // continues where this run stopped.
     let cancel = Arc::new(AtomicBool::new(false));
@@ -341,4 +325,19 @@ fn print_table(r: &ImportReport) {
     for (k, v) in rows {
         println!("{k:<15} {v}");
     }
+}
+
+/// A progress bar of `total` bytes, fed by the import's progress callback.
+fn progress_into(
+    options: &mut ImportOptions,
+    total: u64,
+    message: &str,
+    output: OutputMode,
+) -> indicatif::ProgressBar {
+    let bar = bytes_bar(total, message, output == OutputMode::Json);
+    let progress_bar = bar.clone();
+    options.progress = Some(ProgressCallback(Arc::new(move |p| {
+        progress_bar.set_position(p.position_bytes);
+    })));
+    bar
 }
