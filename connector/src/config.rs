@@ -23,6 +23,15 @@ pub struct Config {
     pub store: StoreConfig,
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+    /// `[aws]`: where replication runs stage images and write snapshots.
+    #[serde(default)]
+    pub aws: AwsConfig,
+    /// `[api]`: the API `rehost serve` answers.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// `[scheduler]`: how `rehost serve` runs jobs.
+    #[serde(default)]
+    pub scheduler: SchedulerConfig,
     /// Where the file was read from (relative paths in it are resolved against its folder).
     #[serde(skip)]
     pub file: PathBuf,
@@ -47,6 +56,116 @@ impl Default for StoreConfig {
 
 fn default_store_path() -> PathBuf {
     PathBuf::from("rehost.db")
+}
+
+/// `[aws]`: the account replication runs write to. Credentials come from the usual AWS
+/// chain (environment, profile, instance role), never from this file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Region (else AWS_REGION or the profile's).
+    pub region: Option<String>,
+    /// Named profile of ~/.aws/config.
+    pub profile: Option<String>,
+    /// One endpoint for every service (S3, EBS, EC2, KMS): a local emulator.
+    pub endpoint_url: Option<String>,
+    /// The bucket runs stage their exported images in. Required by replication jobs.
+    pub staging_bucket: Option<String>,
+    /// Key prefix of staged images (`<prefix><job>/<run>/…`).
+    #[serde(default = "default_staging_prefix")]
+    pub staging_prefix: String,
+    /// Keep staged images after a successful import (default: delete them; the manifest
+    /// and block list, a few KiB, are always kept: the next incremental run builds on them).
+    #[serde(default)]
+    pub keep_staged: bool,
+}
+
+fn default_staging_prefix() -> String {
+    "rehost/".to_owned()
+}
+
+/// `[api]`: the REST API of `rehost serve`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address and port to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Environment variable holding the bearer token clients must send.
+    pub token_env: Option<String>,
+    /// File holding the bearer token (trailing newline ignored); relative to the config file.
+    pub token_file: Option<PathBuf>,
+    /// Refused with an explanation, like a source's password.
+    #[serde(default)]
+    token: Option<toml::Value>,
+    /// Job-state changes are POSTed here as JSON events.
+    pub webhook_url: Option<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            token_env: None,
+            token_file: None,
+            token: None,
+            webhook_url: None,
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_owned()
+}
+
+/// `[scheduler]`: limits and retry policy of `rehost serve`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Runs executing at once, across all jobs.
+    #[serde(default = "default_max_concurrent_runs")]
+    pub max_concurrent_runs: u32,
+    /// Failed runs in a row after which a job is PAUSED_ON_FAILURE.
+    #[serde(default = "default_max_consecutive_failures")]
+    pub max_consecutive_failures: u32,
+    /// First delay before retrying a run that failed on a transient error; doubled per
+    /// attempt, with jitter.
+    #[serde(default = "default_retry_backoff_secs")]
+    pub retry_backoff_secs: u64,
+    /// Tests only: a job's `frequency_hours` counts seconds instead of hours, so a
+    /// schedule can be seen to fire within a test. Never set this in production.
+    #[serde(default)]
+    pub test_frequency_unit_secs: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_runs: default_max_concurrent_runs(),
+            max_consecutive_failures: default_max_consecutive_failures(),
+            retry_backoff_secs: default_retry_backoff_secs(),
+            test_frequency_unit_secs: false,
+        }
+    }
+}
+
+fn default_max_concurrent_runs() -> u32 {
+    50
+}
+
+fn default_max_consecutive_failures() -> u32 {
+    3
+}
+
+fn default_retry_backoff_secs() -> u64 {
+    60
+}
+
+impl SchedulerConfig {
+    /// Seconds in one unit of `frequency_hours` (3600, or 1 under the test override).
+    pub fn frequency_unit_secs(&self) -> i64 {
+        if self.test_frequency_unit_secs { 1 } else { 3600 }
+    }
 }
 
 /// The kinds of source rehost reads VMs from.
@@ -154,6 +273,36 @@ impl Config {
     }
 
     fn validate(&self) -> Result<()> {
+        if self.api.token.is_some() {
+            bail!(
+                "[api]: `token` must not be written in the config file; put it in an environment variable named by `token_env`, or a file named by `token_file`"
+            );
+        }
+        if self.api.token_env.is_some() && self.api.token_file.is_some() {
+            bail!("[api]: set only one of `token_env` and `token_file`");
+        }
+        if let Some(url) = &self.api.webhook_url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            bail!("[api]: `webhook_url` must be an http(s):// URL, got {url:?}");
+        }
+        if self.scheduler.max_concurrent_runs == 0 {
+            bail!("[scheduler]: `max_concurrent_runs` must be at least 1");
+        }
+        if self.scheduler.max_consecutive_failures == 0 {
+            bail!("[scheduler]: `max_consecutive_failures` must be at least 1");
+        }
+        if let Some(bucket) = &self.aws.staging_bucket
+            && (bucket.is_empty() || bucket.contains('/'))
+        {
+            bail!("[aws]: `staging_bucket` must be a bucket name (no s3://, no /), got {bucket:?}");
+        }
+        if !self.aws.staging_prefix.is_empty() && !self.aws.staging_prefix.ends_with('/') {
+            bail!(
+                "[aws]: `staging_prefix` must be empty or end in /, got {:?}",
+                self.aws.staging_prefix
+            );
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, source) in self.sources.iter().enumerate() {
             let at = format!("sources[{i}] ({:?})", source.name);
@@ -227,6 +376,44 @@ impl Config {
     pub fn store_path(&self) -> PathBuf {
         self.resolve(&self.store.path)
     }
+
+    /// The API's bearer token, read from where `[api]` points; `None` when it names
+    /// none (then `rehost serve` refuses to start: the API is never open).
+    pub fn api_token(&self) -> Result<Option<String>> {
+        if let Some(var) = &self.api.token_env {
+            let token = std::env::var(var).with_context(|| {
+                format!("[api]: environment variable {var} (its token_env) is not set")
+            })?;
+            return check_token(token, var).map(Some);
+        }
+        if let Some(file) = &self.api.token_file {
+            let path = self.resolve(file);
+            let token = std::fs::read_to_string(&path).with_context(|| {
+                format!("[api]: reading token_file {}", path.display())
+            })?;
+            return check_token(token.trim_end_matches(['\n', '\r']).to_owned(), &path.display().to_string())
+                .map(Some);
+        }
+        Ok(None)
+    }
+
+    /// The AWS options of `[aws]`.
+    pub fn aws_options(&self) -> rehost_importer::aws::AwsOptions {
+        rehost_importer::aws::AwsOptions {
+            region: self.aws.region.clone(),
+            profile: self.aws.profile.clone(),
+            endpoint_url: self.aws.endpoint_url.clone(),
+            static_credentials: None,
+        }
+    }
+}
+
+/// A token must be long enough not to be guessed; `from` names where it came from.
+fn check_token(token: String, from: &str) -> Result<String> {
+    if token.trim().len() < 16 {
+        bail!("[api]: the token in {from} is shorter than 16 characters; use a long random one (e.g. `openssl rand -hex 32`)");
+    }
+    Ok(token)
 }
 
 impl SourceConfig {

@@ -9,6 +9,7 @@ mod config;
 mod disk_cmd;
 mod export;
 mod import_cmd;
+mod jobs;
 mod output;
 mod progress;
 mod servers_cmd;
