@@ -42,6 +42,19 @@ impl Disk {
         Self::with_parents(fs, path, top)
     }
 
+    /// Opens an image through `fs` WITHOUT its parents: for a differencing image whose
+    /// parent's contents are elsewhere (an incremental import onto the EBS snapshot of the
+    /// parent, whose staged image may be gone). What the image does not hold maps as
+    /// `Unallocated` and reads as zero; callers that need the whole disk use [`Disk::open_with`].
+    pub fn top_only_with(fs: &dyn FileSystem, path: &str) -> Result<Self> {
+        let file = fs.open(path)?;
+        let top = crate::open_layer(fs, file)?;
+        Ok(Self {
+            layers: vec![top],
+            paths: vec![path.to_owned()],
+        })
+    }
+
     /// Opens the parents of an already opened top layer.
     pub fn with_parents(fs: &dyn FileSystem, path: &str, top: Arc<dyn Layer>) -> Result<Self> {
         let mut layers = vec![top];
@@ -315,5 +328,29 @@ mod tests {
         disk.read_at(&mut odd, 300).unwrap();
         assert_eq!(odd[211], 1);
         assert_eq!(odd[212], 2);
+    }
+
+    #[test]
+    fn a_top_only_disk_keeps_its_parent_reference_and_maps_the_rest_unallocated() {
+        let disk = Disk {
+            layers: vec![fake(b"D.Z..", 1, true)],
+            paths: vec!["c".into()],
+        };
+        assert!(disk.top().info().parent.is_some());
+        let kinds: Vec<_> = disk
+            .map_range(0, 5 * 512)
+            .unwrap()
+            .iter()
+            .map(|e| (e.offset / 512, e.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (0, ExtentKind::Data),
+                (1, ExtentKind::Unallocated),
+                (2, ExtentKind::Zero),
+                (3, ExtentKind::Unallocated)
+            ]
+        );
     }
 }

@@ -28,14 +28,25 @@ pub struct Parent {
 }
 
 /// What to write.
-#[derive(Debug)]
 pub struct DiskJob {
     pub target: Target,
     pub image: String,
     pub label: String,
     pub parent: Option<Parent>,
     pub quiet: bool,
+    /// Told the bytes of each data extent as it is read (a run's progress).
+    pub on_data: Option<Arc<dyn Fn(u64) + Send + Sync>>,
     pub handle: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for DiskJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskJob")
+            .field("image", &self.image)
+            .field("label", &self.label)
+            .field("parent", &self.parent.as_ref().map(|p| &p.location))
+            .finish_non_exhaustive()
+    }
 }
 
 /// What was written.
@@ -60,11 +71,15 @@ pub async fn write<E: SourceError>(job: DiskJob, read: DiskRead<E>) -> Result<Di
     let bar = bytes_bar(read.data_bytes, &job.label, job.quiet);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Extent>(CHANNEL_DEPTH);
     let worker_bar = bar.clone();
+    let on_data = job.on_data.clone();
     let worker = tokio::task::spawn_blocking(move || {
         let extents = std::iter::from_fn(move || rx.blocking_recv().map(Ok));
         write_blocking(job, capacity, extents, &|e| {
             if let Extent::Data { data, .. } = e {
                 worker_bar.inc(data.len() as u64);
+                if let Some(on_data) = &on_data {
+                    on_data(data.len() as u64);
+                }
             }
         })
     });

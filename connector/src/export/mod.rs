@@ -14,6 +14,7 @@ pub mod target;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
@@ -24,7 +25,7 @@ use rehost_vsphere::{Client, MoRef, Vm, VsphereSource};
 use serde::Serialize;
 
 use crate::aws_args::{AwsArgs, runtime};
-use crate::config::Config;
+use crate::config::{Config, SourceConfig};
 use crate::output::{OutputMode, print_json};
 use crate::store::Store;
 use manifest::{DiskEntry, ExportKind, Manifest, SourceEntry, VmEntry};
@@ -79,6 +80,135 @@ pub enum Via {
     ExportVm,
 }
 
+/// One export, as `rehost export` and replication runs ask for it.
+pub struct ExportRequest<'a> {
+    /// The source, from the config.
+    pub source: &'a SourceConfig,
+    /// The VM: its name, inventory path or instance UUID.
+    pub vm: String,
+    /// A folder or `s3://bucket/prefix`.
+    pub to: String,
+    /// An earlier export's manifest: export only what changed since.
+    pub base: Option<String>,
+    pub quiesce: bool,
+    pub via: Via,
+    /// No progress bars or notes on the terminal (JSON output, or a run of the connector).
+    pub quiet: bool,
+    /// Why the snapshot is taken, as the ledger records it (`export`, `run:sms-run-…`).
+    pub purpose: String,
+    /// Told the source bytes read so far, of `total` to read, as the export goes.
+    pub progress: Option<ExportProgress>,
+    /// What stops the export early (the snapshot is still removed).
+    pub stop: Stop,
+}
+
+impl std::fmt::Debug for ExportRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportRequest")
+            .field("source", &self.source.name)
+            .field("vm", &self.vm)
+            .field("to", &self.to)
+            .field("base", &self.base)
+            .field("purpose", &self.purpose)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A progress callback: `(bytes read so far, bytes to read)` across all disks.
+#[derive(Clone)]
+pub struct ExportProgress(pub Arc<dyn Fn(u64, u64) + Send + Sync>);
+
+impl std::fmt::Debug for ExportProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExportProgress")
+    }
+}
+
+/// What ends an export early.
+#[derive(Debug, Clone)]
+pub enum Stop {
+    /// Ctrl-C or SIGTERM (the command line).
+    Signals,
+    /// The receiver turning true (the connector stopping or cancelling a run).
+    When(tokio::sync::watch::Receiver<bool>),
+}
+
+impl Stop {
+    /// Resolves when the export must stop, saying why.
+    async fn stopped(&self) -> String {
+        match self {
+            Stop::Signals => shutdown_signal().await.to_owned(),
+            Stop::When(rx) => {
+                let mut rx = rx.clone();
+                // A dropped sender means nobody can cancel any more: never resolve.
+                if rx.wait_for(|stop| *stop).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                "a stop request".to_owned()
+            }
+        }
+    }
+
+    /// Runs `work` unless a stop comes first.
+    pub async fn guard<T>(&self, work: impl std::future::Future<Output = T>) -> Result<T> {
+        tokio::select! {
+            out = work => Ok(out),
+            why = self.stopped() => Err(anyhow::anyhow!("interrupted by {why}; the snapshot is being removed")),
+        }
+    }
+}
+
+/// Where the snapshot ledger lives: the store, one connection or shared.
+pub trait Ledger: Send + Sync {
+    /// See [`Store::snapshot_intended`].
+    fn intended(&self, source: &str, vm_id: &str, vm_ref: &str, name: &str, purpose: &str)
+    -> Result<i64>;
+    /// See [`Store::snapshot_created`].
+    fn created(&self, id: i64, snapshot_ref: &str) -> Result<()>;
+    /// See [`Store::snapshot_removed`].
+    fn removed(&self, id: i64) -> Result<()>;
+    /// See [`Store::snapshot_removal_failed`].
+    fn removal_failed(&self, id: i64, error: &str) -> Result<()>;
+}
+
+impl Ledger for std::sync::Mutex<Store> {
+    fn intended(
+        &self,
+        source: &str,
+        vm_id: &str,
+        vm_ref: &str,
+        name: &str,
+        purpose: &str,
+    ) -> Result<i64> {
+        lock(self)?.snapshot_intended(source, vm_id, vm_ref, name, purpose)
+    }
+    fn created(&self, id: i64, snapshot_ref: &str) -> Result<()> {
+        lock(self)?.snapshot_created(id, snapshot_ref)
+    }
+    fn removed(&self, id: i64) -> Result<()> {
+        lock(self)?.snapshot_removed(id)
+    }
+    fn removal_failed(&self, id: i64, error: &str) -> Result<()> {
+        lock(self)?.snapshot_removal_failed(id, error)
+    }
+}
+
+fn lock(store: &std::sync::Mutex<Store>) -> Result<std::sync::MutexGuard<'_, Store>> {
+    store
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the store's lock was poisoned by a failed thread"))
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    /// Where the manifest is.
+    pub manifest_location: String,
+    pub manifest: Manifest,
+    /// The target's location of each image, in manifest order.
+    pub image_locations: Vec<String>,
+}
+
 /// What `rehost export` prints.
 #[derive(Debug, Serialize)]
 pub struct ExportReport {
@@ -126,7 +256,7 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
             } else {
                 None
             };
-            export(&args, &config, &store, &client, clients, handle).await
+            export_command(&args, &source_config, store, &client, clients, handle).await
         };
         // Log out whatever happened: sessions are a limited resource on vCenter.
         if let Err(err) = client.logout().await {
@@ -140,10 +270,11 @@ fn is_s3(text: &str) -> bool {
     rehost_importer::s3::S3Url::is_s3(text)
 }
 
-async fn export(
+/// `rehost export` (not `--cleanup`): one export, then its report.
+async fn export_command(
     args: &ExportArgs,
-    config: &Config,
-    store: &Store,
+    source_config: &SourceConfig,
+    store: Store,
     client: &Client,
     clients: Option<Clients>,
     handle: tokio::runtime::Handle,
@@ -152,60 +283,32 @@ async fn export(
     let (Some(vm_name), Some(to)) = (args.vm.as_deref(), args.to.as_deref()) else {
         bail!("--vm and --to are needed to export");
     };
-    let source_config = config.source(&args.source)?;
-    let found = client.find_vm(vm_name).await?;
-    let vm = found.info.clone();
-    let base = match &args.base {
-        Some(location) => Some(Base::load(location, clients.as_ref(), &vm).await?),
-        None => None,
+    let request = ExportRequest {
+        source: source_config,
+        vm: vm_name.to_owned(),
+        to: to.to_owned(),
+        base: args.base.clone(),
+        quiesce: args.quiesce,
+        via: args.via,
+        quiet: args.output == OutputMode::Json,
+        purpose: "export".to_owned(),
+        progress: None,
+        stop: Stop::Signals,
     };
-    preflight(client, &found, args, base.as_ref()).await?;
-
-    let target = Target::parse(to, clients.clone())?;
-    target.prepare()?;
-    if let Some(base) = &base
-        && target::folder_of(&target.location("x")) != target::folder_of(&base.location)
-    {
-        tracing::warn!(
-            base = %base.location,
-            "the delta images name their parents by file name: keep them in the base's folder for qemu-img to follow the chain"
-        );
-    }
-
-    let export_id = new_export_id();
-    let snapshot_name = format!("{SNAPSHOT_PREFIX}{export_id}");
-    let job = ExportJob {
-        args,
-        source_config: SourceEntry {
-            name: source_config.name.clone(),
-            kind: source_config.kind.to_string(),
-            url: source_config.url.clone(),
-        },
-        client,
-        found: &found,
-        base: base.as_ref(),
-        target: &target,
-        export_id: &export_id,
-        snapshot_name: &snapshot_name,
-        handle,
-    };
-    let (manifest_location, manifest) = if args.via == Via::ExportVm {
-        // No snapshot: the VM is powered off, and the lease is aborted if we stop early.
-        with_shutdown(job.run_export_vm()).await??
-    } else {
-        export_through_snapshot(&job, store).await?
-    };
-
+    let ledger = std::sync::Mutex::new(store);
+    let exported = export(&request, client, clients, &ledger, handle).await?;
+    let manifest = &exported.manifest;
     let report = ExportReport {
-        manifest: manifest_location,
+        manifest: exported.manifest_location.clone(),
         kind: manifest.kind,
-        vm: vm.name.clone(),
+        vm: manifest.vm.name.clone(),
         disks: manifest
             .disks
             .iter()
-            .map(|d| DiskReport {
+            .zip(&exported.image_locations)
+            .map(|(d, image)| DiskReport {
                 key: d.key.clone(),
-                image: target.location(&d.image),
+                image: image.clone(),
                 capacity_bytes: d.capacity_bytes,
                 data_bytes: d.data_bytes,
                 image_bytes: d.image_bytes,
@@ -231,7 +334,7 @@ async fn export(
                 );
             }
             if report.snapshot_removed {
-                println!("  snapshot {snapshot_name} removed");
+                println!("  snapshot {} removed", manifest.snapshot_name);
             }
             println!("  {:.1} s", report.seconds);
         }
@@ -239,16 +342,83 @@ async fn export(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Exports one VM as `request` says: preflight, snapshot (recorded in `ledger` first),
+/// each disk's image and block list, the manifest; the snapshot is removed on every path.
+pub async fn export(
+    request: &ExportRequest<'_>,
+    client: &Client,
+    clients: Option<Clients>,
+    ledger: &dyn Ledger,
+    handle: tokio::runtime::Handle,
+) -> Result<Exported> {
+    let found = client.find_vm(&request.vm).await?;
+    let vm = found.info.clone();
+    let base = match &request.base {
+        Some(location) => Some(Base::load(location, clients.as_ref(), &vm).await?),
+        None => None,
+    };
+    preflight(client, &found, request, base.as_ref()).await?;
+
+    let target = Target::parse(&request.to, clients.clone())?;
+    target.prepare()?;
+    if let Some(base) = &base
+        && target::folder_of(&target.location("x")) != target::folder_of(&base.location)
+    {
+        tracing::warn!(
+            base = %base.location,
+            "the delta images name their parents by file name: keep them in the base's folder for qemu-img to follow the chain"
+        );
+    }
+
+    let export_id = new_export_id();
+    let snapshot_name = format!("{SNAPSHOT_PREFIX}{export_id}");
+    let job = ExportJob {
+        request,
+        source_config: SourceEntry {
+            name: request.source.name.clone(),
+            kind: request.source.kind.to_string(),
+            url: request.source.url.clone(),
+        },
+        client,
+        found: &found,
+        base: base.as_ref(),
+        target: &target,
+        export_id: &export_id,
+        snapshot_name: &snapshot_name,
+        handle,
+        read_so_far: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    };
+    let (manifest_location, manifest) = if request.via == Via::ExportVm {
+        // No snapshot: the VM is powered off, and the lease is aborted if we stop early.
+        request.stop.guard(job.run_export_vm()).await??
+    } else {
+        export_through_snapshot(&job, ledger).await?
+    };
+    let image_locations = manifest
+        .disks
+        .iter()
+        .map(|d| target.location(&d.image))
+        .collect();
+    Ok(Exported {
+        manifest_location,
+        manifest,
+        image_locations,
+    })
+}
+
 /// Takes the snapshot (ledger first), exports from it, and removes it whatever happened.
-async fn export_through_snapshot(job: &ExportJob<'_>, store: &Store) -> Result<(String, Manifest)> {
+async fn export_through_snapshot(
+    job: &ExportJob<'_>,
+    ledger: &dyn Ledger,
+) -> Result<(String, Manifest)> {
     let vm = &job.found.info;
     let source = VsphereSource::new(job.client.clone());
-    let ledger = store.snapshot_intended(
+    let entry = ledger.intended(
         &job.source_config.name,
         &vm.id.0,
         &job.found.moref.value,
         job.snapshot_name,
-        "export",
+        &job.request.purpose,
     )?;
     let options = SnapshotOptions {
         name: job.snapshot_name.to_owned(),
@@ -256,12 +426,15 @@ async fn export_through_snapshot(job: &ExportJob<'_>, store: &Store) -> Result<(
             "{SNAPSHOT_MARKER} export {}; removed when the export ends. If no rehost export is running, `rehost export --cleanup` removes it.",
             job.export_id
         ),
-        quiesce: job.args.quiesce,
+        quiesce: job.request.quiesce,
     };
-    if job.args.output == OutputMode::Table {
+    if !job.request.quiet {
         eprintln!("Taking snapshot {} of {}…", job.snapshot_name, vm.name);
     }
-    let created = with_shutdown(source.snapshot(&vm.id, &options))
+    let created = job
+        .request
+        .stop
+        .guard(source.snapshot(&vm.id, &options))
         .await
         .and_then(|r| {
             r.map_err(|e| anyhow::Error::new(e).context(format!("snapshotting {}", vm.name)))
@@ -271,9 +444,9 @@ async fn export_through_snapshot(job: &ExportJob<'_>, store: &Store) -> Result<(
         Err(err) => {
             // The task may have created it before failing or being interrupted.
             remove_by_name(
-                store,
-                job.client,
                 ledger,
+                job.client,
+                entry,
                 &job.found.moref,
                 job.snapshot_name,
             )
@@ -281,11 +454,14 @@ async fn export_through_snapshot(job: &ExportJob<'_>, store: &Store) -> Result<(
             return Err(err);
         }
     };
-    store.snapshot_created(ledger, &snapshot.snapshot_ref)?;
-    let outcome = with_shutdown(job.run(&source, &snapshot))
+    ledger.created(entry, &snapshot.snapshot_ref)?;
+    let outcome = job
+        .request
+        .stop
+        .guard(job.run(&source, &snapshot))
         .await
         .and_then(|r| r);
-    let removed = release(store, &source, ledger, &snapshot).await;
+    let removed = release(ledger, &source, entry, &snapshot).await;
     let exported = outcome?;
     removed?;
     Ok(exported)
@@ -302,7 +478,7 @@ fn kind_name(kind: ExportKind) -> &'static str {
 async fn preflight(
     client: &Client,
     found: &Vm,
-    args: &ExportArgs,
+    request: &ExportRequest<'_>,
     base: Option<&Base>,
 ) -> Result<()> {
     let vm = &found.info;
@@ -325,7 +501,7 @@ async fn preflight(
             task.description_id
         );
     }
-    if args.via == Via::ExportVm {
+    if request.via == Via::ExportVm {
         if base.is_some() {
             bail!("--via export-vm makes full exports only; drop --base, or use --via snapshot");
         }
@@ -337,7 +513,7 @@ async fn preflight(
             );
         }
     }
-    if !vm.change_tracking && args.via == Via::Snapshot {
+    if !vm.change_tracking && request.via == Via::Snapshot {
         if base.is_some() {
             bail!(
                 "changed-block tracking is off on {}, so the changes since the base cannot be known; run a full export (without --base)",
@@ -348,10 +524,13 @@ async fn preflight(
             .enable_change_tracking(&found.moref)
             .await
             .with_context(|| format!("enabling changed-block tracking on {}", vm.name))?;
-        eprintln!(
+        tracing::info!(vm = %vm.name, "changed-block tracking was off; turned it on");
+        if !request.quiet {
+            eprintln!(
             "note: changed-block tracking was off on {}; rehost turned it on. vSphere starts tracking at the VM's next stun (the snapshot this export takes is one), so the next export can be incremental.",
             vm.name
         );
+        }
     }
     Ok(())
 }
@@ -391,7 +570,7 @@ impl Base {
 }
 
 struct ExportJob<'a> {
-    args: &'a ExportArgs,
+    request: &'a ExportRequest<'a>,
     source_config: SourceEntry,
     client: &'a Client,
     found: &'a Vm,
@@ -400,6 +579,8 @@ struct ExportJob<'a> {
     export_id: &'a str,
     snapshot_name: &'a str,
     handle: tokio::runtime::Handle,
+    /// Source bytes read so far, across disks, for the progress callback.
+    read_so_far: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ExportJob<'_> {
@@ -557,6 +738,17 @@ impl ExportJob<'_> {
         self.finish(disks).await
     }
 
+    /// The per-disk byte callback feeding the request's progress, if it has one.
+    fn on_data(&self) -> Option<Arc<dyn Fn(u64) + Send + Sync>> {
+        let progress = self.request.progress.clone()?;
+        let total: u64 = self.found.info.disks.iter().map(|d| d.capacity_bytes).sum();
+        let so_far = self.read_so_far.clone();
+        Some(Arc::new(move |bytes| {
+            let done = so_far.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+            (progress.0)(done, total);
+        }))
+    }
+
     fn disk_job(
         &self,
         image: &str,
@@ -568,7 +760,8 @@ impl ExportJob<'_> {
             image: image.to_owned(),
             label: format!("disk {}", disk.id),
             parent,
-            quiet: self.args.output == OutputMode::Json,
+            quiet: self.request.quiet,
+            on_data: self.on_data(),
             handle: self.handle.clone(),
         }
     }
@@ -649,19 +842,19 @@ impl ExportJob<'_> {
 /// Removes the export's snapshot and closes its ledger entry; on failure the entry stays
 /// open for `--cleanup`.
 async fn release(
-    store: &Store,
+    ledger: &dyn Ledger,
     source: &VsphereSource,
-    ledger: i64,
+    entry: i64,
     snapshot: &SnapshotRef,
 ) -> Result<()> {
     match source.release(snapshot).await {
         Ok(()) => {
-            store.snapshot_removed(ledger)?;
+            ledger.removed(entry)?;
             Ok(())
         }
         Err(err) => {
             let text = format!("{err:#}");
-            store.snapshot_removal_failed(ledger, &text)?;
+            ledger.removal_failed(entry, &text)?;
             Err(anyhow::Error::new(err).context(format!(
                 "removing snapshot {} failed; run `rehost export --cleanup` to retry",
                 snapshot.name
@@ -672,31 +865,29 @@ async fn release(
 
 /// After a failed or interrupted CreateSnapshot: removes a snapshot of that name if the
 /// task made one.
-async fn remove_by_name(store: &Store, client: &Client, ledger: i64, vm: &MoRef, name: &str) {
+pub async fn remove_by_name(
+    ledger: &dyn Ledger,
+    client: &Client,
+    entry: i64,
+    vm: &MoRef,
+    name: &str,
+) {
     match client.list_snapshots(vm).await {
         Ok(snapshots) => {
             let mut all_gone = true;
             for snap in snapshots.iter().filter(|s| s.name == name) {
                 if let Err(err) = client.remove_snapshot(&snap.snapshot).await {
                     all_gone = false;
-                    let _ = store.snapshot_removal_failed(ledger, &err.to_string());
+                    let _ = ledger.removal_failed(entry, &err.to_string());
                 }
             }
             if all_gone {
-                let _ = store.snapshot_removed(ledger);
+                let _ = ledger.removed(entry);
             }
         }
         Err(err) => {
-            let _ = store.snapshot_removal_failed(ledger, &err.to_string());
+            let _ = ledger.removal_failed(entry, &err.to_string());
         }
-    }
-}
-
-/// Runs `work` unless Ctrl-C or SIGTERM arrives first.
-async fn with_shutdown<T>(work: impl std::future::Future<Output = T>) -> Result<T> {
-    tokio::select! {
-        out = work => Ok(out),
-        signal = shutdown_signal() => Err(anyhow::anyhow!("interrupted by {signal}; the snapshot is being removed")),
     }
 }
 
