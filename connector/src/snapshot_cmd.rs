@@ -17,7 +17,7 @@ use crate::progress::bytes_bar;
 pub enum SnapshotCommand {
     /// Compare a snapshot block by block with an image (exit 0 only if identical).
     Verify {
-        /// The snapshot (snap-…).
+        /// The snapshot (snap-…), or an AMI (ami-…) whose root volume's snapshot to verify.
         snapshot_id: String,
         /// The image: a local file or s3://bucket/key, in any format `rehost disk` reads.
         #[arg(long, value_name = "FILE_OR_S3")]
@@ -78,6 +78,15 @@ pub fn run(command: SnapshotCommand) -> Result<ExitCode> {
 fn verify(snapshot_id: &str, against: &str, common: &Common) -> Result<ExitCode> {
     let runtime = aws_args::runtime()?;
     let clients = runtime.block_on(common.aws.clients());
+    let root_of;
+    let snapshot_id = if snapshot_id.starts_with("ami-") {
+        root_of = runtime
+            .block_on(rehost_importer::ami::root_snapshot(&clients, snapshot_id))
+            .with_context(|| format!("finding the root snapshot of {snapshot_id}"))?;
+        root_of.as_str()
+    } else {
+        snapshot_id
+    };
     // Opening reads headers (through S3 with ranged GETs): done here, on a thread outside
     // the runtime, as the S3 reader requires.
     let (disk, _) = aws_args::open_source(against, &clients, &runtime)?;

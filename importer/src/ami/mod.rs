@@ -99,6 +99,39 @@ pub fn resolve_boot(
 /// Maps a failed EC2 call to the importer's error, classified like every other AWS call
 /// (see [`crate::retry::classify`]). The SDK has already retried throttling and 5xx
 /// answers (standard retry mode) by the time one reaches here.
+/// The snapshot behind an AMI's root device (what `snapshot verify ami-…` reads).
+pub async fn root_snapshot(clients: &crate::aws::Clients, ami_id: &str) -> Result<String> {
+    let images = clients
+        .ec2
+        .describe_images()
+        .image_ids(ami_id)
+        .send()
+        .await
+        .map_err(|e| ec2_error("DescribeImages", e))?;
+    let image = images
+        .images()
+        .first()
+        .ok_or_else(|| Error::Aws {
+            operation: "DescribeImages",
+            code: Some("InvalidAMIID.NotFound".into()),
+            message: format!("AMI {ami_id} does not exist"),
+            kind: rehost_core::ErrorKind::NotFound,
+        })?;
+    let root = image.root_device_name().unwrap_or(ROOT_DEVICE_NAME);
+    image
+        .block_device_mappings()
+        .iter()
+        .find(|m| m.device_name() == Some(root))
+        .and_then(|m| m.ebs())
+        .and_then(|ebs| ebs.snapshot_id())
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "AMI {ami_id} maps no EBS snapshot at its root device {root}"
+            ))
+        })
+}
+
 pub(crate) fn ec2_error<E>(operation: &'static str, err: SdkError<E>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
