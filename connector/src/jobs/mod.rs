@@ -1,6 +1,7 @@
 //! Replication jobs and runs: the SMS model ([`model`]), their ids ([`ids`]), the one
-//! state transition function ([`transition`]), schedule planning ([`schedule`]) and the
-//! errors they answer ([`JobError`]). Everything here is pure.
+//! state transition function ([`transition`]), schedule planning ([`schedule`]),
+//! validation of what users ask for ([`validate`]) and the errors all of them answer
+//! ([`JobError`]). Everything here is pure; the store ([`crate::store`]) persists it.
 
 // The API, the scheduler and the `jobs`/`runs` commands, written alongside, are what call
 // most of this; until they land only the store and the tests do.
@@ -11,6 +12,6 @@ pub mod ids;
 pub mod model;
 pub mod schedule;
 pub mod transition;
+pub mod validate;
 
-#[allow(unused_imports)] // for the store and the API, next
 pub use error::JobError;
