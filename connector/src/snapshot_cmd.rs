@@ -27,7 +27,7 @@ pub enum SnapshotCommand {
     },
     /// Write a snapshot out as a raw file of the volume's size (sparse).
     Download {
-        /// The snapshot (snap-…).
+        /// The snapshot (snap-…), or an AMI (ami-…) whose root volume's snapshot to download.
         snapshot_id: String,
         /// The raw file to write (replaced if it exists).
         #[arg(value_name = "OUT")]
@@ -75,18 +75,25 @@ pub fn run(command: SnapshotCommand) -> Result<ExitCode> {
     }
 }
 
+/// The snapshot named, or an AMI's root volume's snapshot when given an `ami-…`.
+fn root_snapshot_of(
+    id: &str,
+    clients: &rehost_importer::aws::Clients,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<String> {
+    if !id.starts_with("ami-") {
+        return Ok(id.to_owned());
+    }
+    runtime
+        .block_on(rehost_importer::ami::root_snapshot(clients, id))
+        .with_context(|| format!("finding the root snapshot of {id}"))
+}
+
 fn verify(snapshot_id: &str, against: &str, common: &Common) -> Result<ExitCode> {
     let runtime = aws_args::runtime()?;
     let clients = runtime.block_on(common.aws.clients());
-    let root_of;
-    let snapshot_id = if snapshot_id.starts_with("ami-") {
-        root_of = runtime
-            .block_on(rehost_importer::ami::root_snapshot(&clients, snapshot_id))
-            .with_context(|| format!("finding the root snapshot of {snapshot_id}"))?;
-        root_of.as_str()
-    } else {
-        snapshot_id
-    };
+    let root_of = root_snapshot_of(snapshot_id, &clients, &runtime)?;
+    let snapshot_id = root_of.as_str();
     // Opening reads headers (through S3 with ranged GETs): done here, on a thread outside
     // the runtime, as the S3 reader requires.
     let (disk, _) = aws_args::open_source(against, &clients, &runtime)?;
@@ -149,8 +156,10 @@ fn print_verify(r: &VerifyReport, against: &str) {
 fn download(snapshot_id: &str, out: &std::path::Path, common: &Common) -> Result<ExitCode> {
     let runtime = aws_args::runtime()?;
     let hidden = common.output == OutputMode::Json;
+    let clients = runtime.block_on(common.aws.clients());
+    let root_of = root_snapshot_of(snapshot_id, &clients, &runtime)?;
+    let snapshot_id = root_of.as_str();
     let report = runtime.block_on(async {
-        let clients = common.aws.clients().await;
         // The volume size is known after the first page: the bar learns its length then.
         let bar = bytes_bar(0, &format!("downloading {snapshot_id}"), hidden);
         let progress_bar = bar.clone();

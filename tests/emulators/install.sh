@@ -15,6 +15,11 @@ command -v mkfs.vfat >/dev/null 2>&1 || need_apt+=(dosfstools)
 command -v mcopy >/dev/null 2>&1 || need_apt+=(mtools)
 # A real EFI loader for the UEFI test disk (a stub PE is used without it).
 [[ -f /usr/lib/systemd/boot/efi/systemd-bootx64.efi ]] || need_apt+=(systemd-boot-efi)
+# scripts/make-linux-image.sh (a disk that really boots: busybox in its initramfs) and
+# scripts/boot-check.sh (boots it, or its EBS snapshot read back, under qemu and OVMF).
+[[ -x /bin/busybox ]] && /bin/busybox --list | grep -qx poweroff || need_apt+=(busybox-static)
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need_apt+=(qemu-system-x86)
+[[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ]] || need_apt+=(ovmf)
 
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -ne 0 ]]; then

@@ -118,6 +118,24 @@ impl Moto {
             .unwrap();
         serde_json::from_slice(&out.stdout).unwrap()
     }
+
+    /// POSTs `json` to a control path (`/_rehost/config`, `/_rehost/stats/reset`).
+    pub fn control(&self, path: &str, json: &str) {
+        let out = Command::new("curl")
+            .args([
+                "-sf",
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "--data",
+                json,
+                &format!("{}{path}", self.endpoint),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "POST {path} {json}: {out:?}");
+    }
 }
 
 impl Drop for Moto {

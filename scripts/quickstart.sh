@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The quick start: one full replication, vCenter → S3 → EBS → AMI, against the local
+# emulators (tests/emulators/), on the embedded SQLite store. Run after `cargo build --release`:
+#
+#   scripts/quickstart.sh
+#
+# It starts the vCenter emulator (vcsim, extended) and the strict AWS emulator (moto), gives
+# a VM a small bootable UEFI disk (scripts/make-boot-image.sh), writes a config for them,
+# imports the vCenter catalog, creates a run-once replication job, runs it, and prints the
+# AMI id and the `rehost snapshot verify` result. Everything stays on 127.0.0.1; the
+# emulators are stopped on exit. REHOST_BIN picks another binary; QUICKSTART_DIR keeps the
+# work folder (config, store, logs) somewhere you choose.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+rehost=${REHOST_BIN:-$root/target/release/rehost}
+if [[ ! -x $rehost ]]; then
+  echo "$rehost is missing: run 'cargo build --release' first (or set REHOST_BIN)" >&2
+  exit 1
+fi
+emulators=${REHOST_EMULATOR_HOME:-/var/tmp/rehost-emulators}
+vm=DC0_H0_VM0
+
+echo "== installing the emulators (first time only)"
+"$root/tests/emulators/install.sh" >/dev/null
+
+work=${QUICKSTART_DIR:-$(mktemp -d /tmp/rehost-quickstart.XXXXXX)}
+mkdir -p "$work"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# Waits for a line starting with READY in $1 (a background process's stdout).
+wait_ready() {
+  for _ in $(seq 1 300); do
+    if grep -q '^READY' "$1" 2>/dev/null; then
+      grep -m1 '^READY' "$1"
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "an emulator did not start; see ${1%.out}.log" >&2
+  return 1
+}
+
+echo "== starting the vCenter emulator and the AWS emulator"
+"$root/tests/emulators/vcsim/start.sh" --dir "$work/vcsim" >"$work/vcsim.out" 2>"$work/vcsim.log" &
+pids+=($!)
+"$emulators/moto-venv/bin/python" "$root/tests/emulators/moto/strict_moto.py" --port 0 \
+  >"$work/moto.out" 2>"$work/moto.log" &
+pids+=($!)
+read -r _ sdk_url control <<<"$(wait_ready "$work/vcsim.out")"
+control=${control#control=}
+read -r _ moto_port <<<"$(wait_ready "$work/moto.out")"
+endpoint="http://127.0.0.1:$moto_port"
+
+echo "== giving $vm a disk that boots Linux (UEFI)"
+"$root/scripts/make-linux-image.sh" "$work/disk.raw"
+curl -fsS -X POST "$control/_rehost/disk/load?vm=$vm&key=2000&path=$work/disk.raw" >/dev/null
+
+export AWS_ACCESS_KEY_ID=quickstart AWS_SECRET_ACCESS_KEY=quickstart AWS_REGION=us-east-1
+export AWS_EC2_METADATA_DISABLED=true
+"$emulators/moto-venv/bin/python" - "$endpoint" <<'PY'
+import sys, boto3
+boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1").create_bucket(Bucket="rehost-staging")
+PY
+
+cat >"$work/rehost.toml" <<TOML
+[store]
+path = "rehost.db"
+
+[[sources]]
+name = "vc1"
+kind = "vsphere"
+url = "$sdk_url"
+username = "user"
+password_env = "QUICKSTART_VC1_PASSWORD"
+ca_file = "$work/vcsim/certs/ca.pem"
+
+[aws]
+region = "us-east-1"
+endpoint_url = "$endpoint"
+staging_bucket = "rehost-staging"
+TOML
+export REHOST_CONFIG=$work/rehost.toml QUICKSTART_VC1_PASSWORD=pass
+echo "   config: $REHOST_CONFIG"
+
+echo "== rehost config check"
+"$rehost" config check
+echo "== rehost servers import-catalog --source vc1"
+"$rehost" servers import-catalog --source vc1
+echo "== rehost jobs create --server $vm --run-once"
+job=$("$rehost" jobs create --server "$vm" --run-once --seed-time now --output json |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+echo "   job $job"
+echo "== rehost jobs start $job --wait"
+ami=$("$rehost" jobs start "$job" --wait --output json |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["ami_id"])')
+echo "   AMI: $ami"
+echo "== rehost snapshot verify $ami --against disk.raw"
+"$rehost" snapshot verify "$ami" --against "$work/disk.raw" --endpoint-url "$endpoint"
+echo "== the AMI's root snapshot, read back from EBS, boots"
+"$rehost" snapshot download "$ami" "$work/from-ebs.raw" --endpoint-url "$endpoint" >/dev/null
+"$root/scripts/boot-check.sh" "$work/from-ebs.raw"
