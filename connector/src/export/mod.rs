@@ -27,7 +27,7 @@ use serde::Serialize;
 use crate::aws_args::{AwsArgs, runtime};
 use crate::config::{Config, SourceConfig};
 use crate::output::{OutputMode, print_json};
-use crate::store::Store;
+use crate::store::{SharedStore, Store};
 use manifest::{DiskEntry, ExportKind, Manifest, SourceEntry, VmEntry};
 use target::Target;
 
@@ -158,47 +158,6 @@ impl Stop {
     }
 }
 
-/// Where the snapshot ledger lives: the store, one connection or shared.
-pub trait Ledger: Send + Sync {
-    /// See [`Store::snapshot_intended`].
-    fn intended(&self, source: &str, vm_id: &str, vm_ref: &str, name: &str, purpose: &str)
-    -> Result<i64>;
-    /// See [`Store::snapshot_created`].
-    fn created(&self, id: i64, snapshot_ref: &str) -> Result<()>;
-    /// See [`Store::snapshot_removed`].
-    fn removed(&self, id: i64) -> Result<()>;
-    /// See [`Store::snapshot_removal_failed`].
-    fn removal_failed(&self, id: i64, error: &str) -> Result<()>;
-}
-
-impl Ledger for std::sync::Mutex<Store> {
-    fn intended(
-        &self,
-        source: &str,
-        vm_id: &str,
-        vm_ref: &str,
-        name: &str,
-        purpose: &str,
-    ) -> Result<i64> {
-        lock(self)?.snapshot_intended(source, vm_id, vm_ref, name, purpose)
-    }
-    fn created(&self, id: i64, snapshot_ref: &str) -> Result<()> {
-        lock(self)?.snapshot_created(id, snapshot_ref)
-    }
-    fn removed(&self, id: i64) -> Result<()> {
-        lock(self)?.snapshot_removed(id)
-    }
-    fn removal_failed(&self, id: i64, error: &str) -> Result<()> {
-        lock(self)?.snapshot_removal_failed(id, error)
-    }
-}
-
-fn lock(store: &std::sync::Mutex<Store>) -> Result<std::sync::MutexGuard<'_, Store>> {
-    store
-        .lock()
-        .map_err(|_| anyhow::anyhow!("the store's lock was poisoned by a failed thread"))
-}
-
 /// What an export wrote.
 #[derive(Debug, Clone)]
 pub struct Exported {
@@ -295,7 +254,7 @@ async fn export_command(
         progress: None,
         stop: Stop::Signals,
     };
-    let ledger = std::sync::Mutex::new(store);
+    let ledger = SharedStore::new(store);
     let exported = export(&request, client, clients, &ledger, handle).await?;
     let manifest = &exported.manifest;
     let report = ExportReport {
@@ -348,7 +307,7 @@ pub async fn export(
     request: &ExportRequest<'_>,
     client: &Client,
     clients: Option<Clients>,
-    ledger: &dyn Ledger,
+    ledger: &SharedStore,
     handle: tokio::runtime::Handle,
 ) -> Result<Exported> {
     let found = client.find_vm(&request.vm).await?;
@@ -409,17 +368,19 @@ pub async fn export(
 /// Takes the snapshot (ledger first), exports from it, and removes it whatever happened.
 async fn export_through_snapshot(
     job: &ExportJob<'_>,
-    ledger: &dyn Ledger,
+    ledger: &SharedStore,
 ) -> Result<(String, Manifest)> {
     let vm = &job.found.info;
     let source = VsphereSource::new(job.client.clone());
-    let entry = ledger.intended(
-        &job.source_config.name,
-        &vm.id.0,
-        &job.found.moref.value,
-        job.snapshot_name,
-        &job.request.purpose,
-    )?;
+    let entry = ledger.with(|s| {
+        s.snapshot_intended(
+            &job.source_config.name,
+            &vm.id.0,
+            &job.found.moref.value,
+            job.snapshot_name,
+            &job.request.purpose,
+        )
+    })?;
     let options = SnapshotOptions {
         name: job.snapshot_name.to_owned(),
         description: format!(
@@ -454,7 +415,7 @@ async fn export_through_snapshot(
             return Err(err);
         }
     };
-    ledger.created(entry, &snapshot.snapshot_ref)?;
+    ledger.with(|s| s.snapshot_created(entry, &snapshot.snapshot_ref))?;
     let outcome = job
         .request
         .stop
@@ -842,19 +803,19 @@ impl ExportJob<'_> {
 /// Removes the export's snapshot and closes its ledger entry; on failure the entry stays
 /// open for `--cleanup`.
 async fn release(
-    ledger: &dyn Ledger,
+    ledger: &SharedStore,
     source: &VsphereSource,
     entry: i64,
     snapshot: &SnapshotRef,
 ) -> Result<()> {
     match source.release(snapshot).await {
         Ok(()) => {
-            ledger.removed(entry)?;
+            ledger.with(|s| s.snapshot_removed(entry))?;
             Ok(())
         }
         Err(err) => {
             let text = format!("{err:#}");
-            ledger.removal_failed(entry, &text)?;
+            ledger.with(|s| s.snapshot_removal_failed(entry, &text))?;
             Err(anyhow::Error::new(err).context(format!(
                 "removing snapshot {} failed; run `rehost export --cleanup` to retry",
                 snapshot.name
@@ -866,7 +827,7 @@ async fn release(
 /// After a failed or interrupted CreateSnapshot: removes a snapshot of that name if the
 /// task made one.
 pub async fn remove_by_name(
-    ledger: &dyn Ledger,
+    ledger: &SharedStore,
     client: &Client,
     entry: i64,
     vm: &MoRef,
@@ -878,15 +839,15 @@ pub async fn remove_by_name(
             for snap in snapshots.iter().filter(|s| s.name == name) {
                 if let Err(err) = client.remove_snapshot(&snap.snapshot).await {
                     all_gone = false;
-                    let _ = ledger.removal_failed(entry, &err.to_string());
+                    let _ = ledger.with(|s| s.snapshot_removal_failed(entry, &err.to_string()));
                 }
             }
             if all_gone {
-                let _ = ledger.removed(entry);
+                let _ = ledger.with(|s| s.snapshot_removed(entry));
             }
         }
         Err(err) => {
-            let _ = ledger.removal_failed(entry, &err.to_string());
+            let _ = ledger.with(|s| s.snapshot_removal_failed(entry, &err.to_string()));
         }
     }
 }
