@@ -43,9 +43,12 @@ impl Scheduler {
         store: SharedStore,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Scheduler> {
-        config.aws.staging_bucket.as_ref().context(
-            "[aws] staging_bucket is not set in the config: replication runs stage their images there",
-        )?;
+        if config.aws.staging_bucket.is_none() {
+            // The API still serves; each run fails with this reason until it is set.
+            tracing::warn!(
+                "[aws] staging_bucket is not set in the config: replication runs will fail until it is"
+            );
+        }
         let wake = Arc::new(Notify::new());
         let state = Loop {
             owner: owner_id(),
@@ -158,7 +161,8 @@ impl Loop {
         let open: std::collections::HashSet<JobId> = self
             .store
             .with(|s| {
-                let mut open: Vec<JobId> = s.pending_runs()?.into_iter().map(|r| r.job_id).collect();
+                let mut open: Vec<JobId> =
+                    s.pending_runs()?.into_iter().map(|r| r.job_id).collect();
                 open.extend(s.active_runs()?.into_iter().map(|a| a.run.job_id));
                 Ok(open)
             })?
@@ -169,11 +173,22 @@ impl Loop {
                 self.continue_delete(job, open.contains(&job.id)).await?;
                 continue;
             }
-            match schedule::plan(job, open.contains(&job.id), now, self.config.scheduler.frequency_unit_secs()) {
+            match schedule::plan(
+                job,
+                open.contains(&job.id),
+                now,
+                self.config.scheduler.frequency_unit_secs(),
+            ) {
                 Plan::Wait => {}
                 Plan::Start { scheduled } => {
                     let run = self.store.with(|s| {
-                        Ok(s.request_run(&job.id, crate::jobs::model::RunType::Automatic, scheduled, None, now)?)
+                        Ok(s.request_run(
+                            &job.id,
+                            crate::jobs::model::RunType::Automatic,
+                            scheduled,
+                            None,
+                            now,
+                        )?)
                     })?;
                     tracing::info!(job = %job.id, run = %run.id, "run due");
                 }
@@ -203,15 +218,16 @@ impl Loop {
     async fn take_over_orphans(&mut self, now: Timestamp) -> Result<()> {
         let active = self.store.with(|s| s.active_runs())?;
         for orphan in active {
-            if orphan.owner == self.owner || !owner_is_gone(&orphan.owner, orphan.heartbeat_at, now) {
+            if orphan.owner == self.owner || !owner_is_gone(&orphan.owner, orphan.heartbeat_at, now)
+            {
                 continue;
             }
             if self.running.len() >= self.max_runs() {
                 return Ok(());
             }
-            let taken = self.store.with(|s| {
-                Ok(s.reclaim_run(&orphan.run.id, &orphan.owner, &self.owner, now)?)
-            })?;
+            let taken = self
+                .store
+                .with(|s| Ok(s.reclaim_run(&orphan.run.id, &orphan.owner, &self.owner, now)?))?;
             if let Some(run) = taken {
                 tracing::warn!(run = %run.id, previous_owner = %orphan.owner, "resuming a run its connector left");
                 self.spawn(run).await?;
@@ -229,7 +245,9 @@ impl Loop {
             if self.running.len() >= self.max_runs() {
                 break;
             }
-            let claimed = self.store.with(|s| Ok(s.claim_run(&run.id, &self.owner, now)?))?;
+            let claimed = self
+                .store
+                .with(|s| Ok(s.claim_run(&run.id, &self.owner, now)?))?;
             if let Some(run) = claimed {
                 self.spawn(run).await?;
             }
@@ -317,7 +335,11 @@ impl Loop {
 
     /// A job being deleted: its run (if any) is cancelled; once none is open, its AMIs are
     /// deregistered unless it keeps them, and it becomes DELETED.
-    async fn continue_delete(&mut self, job: &crate::jobs::model::Job, has_open_run: bool) -> Result<()> {
+    async fn continue_delete(
+        &mut self,
+        job: &crate::jobs::model::Job,
+        has_open_run: bool,
+    ) -> Result<()> {
         if has_open_run {
             for running in self.running.values_mut().filter(|r| r.job == job.id) {
                 running.cancelled = true;
@@ -325,7 +347,10 @@ impl Loop {
             }
             return Ok(());
         }
-        let keep_amis = self.store.with(|s| s.delete_keeps_amis(&job.id))?.unwrap_or(true);
+        let keep_amis = self
+            .store
+            .with(|s| s.delete_keeps_amis(&job.id))?
+            .unwrap_or(true);
         if !keep_amis {
             let clients = self.clients().await;
             let tag = rehost_importer::ami::TagFilter {
@@ -341,7 +366,8 @@ impl Loop {
                     .with(|s| Ok(s.mark_run_ami_deleted(&run, Timestamp::now())?))?;
             }
         }
-        self.store.with(|s| Ok(s.finish_delete(&job.id, Timestamp::now())?))?;
+        self.store
+            .with(|s| Ok(s.finish_delete(&job.id, Timestamp::now())?))?;
         tracing::info!(job = %job.id, "job deleted");
         Ok(())
     }
@@ -360,7 +386,9 @@ pub fn record_end(store: &SharedStore, policy: &Policy, id: &RunId, end: RunEnd,
         }
         RunEnd::Failed { kind, message } => {
             tracing::warn!(run = %id, %kind, message, "run failed");
-            store.with(|s| Ok(s.fail_run(id, kind, &message, policy, now)?)).map(|_| ())
+            store
+                .with(|s| Ok(s.fail_run(id, kind, &message, policy, now)?))
+                .map(|_| ())
         }
         RunEnd::Stopped if cancelled => store
             .with(|s| {
@@ -386,7 +414,11 @@ pub fn record_end(store: &SharedStore, policy: &Policy, id: &RunId, end: RunEnd,
 /// Runs the PENDING run `id` in this process, if no connector has claimed it first (for
 /// `rehost jobs start --wait` when no `rehost serve` is running): `None` when another
 /// executor has it. Ctrl-C stops it where it is, to be resumed by the next connector.
-pub async fn run_here(config: Arc<Config>, store: SharedStore, id: &RunId) -> Result<Option<RunEnd>> {
+pub async fn run_here(
+    config: Arc<Config>,
+    store: SharedStore,
+    id: &RunId,
+) -> Result<Option<RunEnd>> {
     let owner = owner_id();
     let Some(run) = store.with(|s| Ok(s.claim_run(id, &owner, Timestamp::now())?))? else {
         return Ok(None);
@@ -418,7 +450,13 @@ pub async fn run_here(config: Arc<Config>, store: SharedStore, id: &RunId) -> Re
     });
     let end = pipeline::execute(&ctx, &run).await;
     heartbeat.abort();
-    record_end(&store, &Policy::from_config(&config.scheduler), id, end.clone(), false);
+    record_end(
+        &store,
+        &Policy::from_config(&config.scheduler),
+        id,
+        end.clone(),
+        false,
+    );
     Ok(Some(end))
 }
 
@@ -432,7 +470,11 @@ mod tests {
         // This process is alive and fresh.
         assert!(!owner_is_gone(&owner_id(), now, now));
         // Silent for too long, alive or not.
-        assert!(owner_is_gone(&owner_id(), Timestamp(now.0 - STALE_AFTER_SECS - 1), now));
+        assert!(owner_is_gone(
+            &owner_id(),
+            Timestamp(now.0 - STALE_AFTER_SECS - 1),
+            now
+        ));
         // A pid that cannot exist (above the kernel's pid_max).
         assert!(owner_is_gone("2147483646:1", now, now));
         // Not our format: only the heartbeat decides.

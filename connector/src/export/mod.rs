@@ -488,9 +488,9 @@ async fn preflight(
         tracing::info!(vm = %vm.name, "changed-block tracking was off; turned it on");
         if !request.quiet {
             eprintln!(
-            "note: changed-block tracking was off on {}; rehost turned it on. vSphere starts tracking at the VM's next stun (the snapshot this export takes is one), so the next export can be incremental.",
-            vm.name
-        );
+                "note: changed-block tracking was off on {}; rehost turned it on. vSphere starts tracking at the VM's next stun (the snapshot this export takes is one), so the next export can be incremental.",
+                vm.name
+            );
         }
     }
     Ok(())

@@ -59,8 +59,9 @@ impl Checkpoint {
     pub fn parse(json: Option<&str>) -> Result<Checkpoint> {
         match json {
             None => Ok(Checkpoint::default()),
-            Some(text) => serde_json::from_str(text)
-                .context("the run's stored checkpoint is not valid (written by another rehost version?)"),
+            Some(text) => serde_json::from_str(text).context(
+                "the run's stored checkpoint is not valid (written by another rehost version?)",
+            ),
         }
     }
 
@@ -115,6 +116,9 @@ mod tests {
     #[test]
     fn a_corrupt_checkpoint_is_an_error_not_a_fresh_start() {
         let err = Checkpoint::parse(Some("{\"export\": 3}")).unwrap_err();
-        assert!(format!("{err:#}").contains("checkpoint is not valid"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("checkpoint is not valid"),
+            "{err:#}"
+        );
     }
 }

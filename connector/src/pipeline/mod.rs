@@ -90,11 +90,14 @@ pub async fn execute(ctx: &RunContext, run: &Run) -> RunEnd {
 
 /// The steps; `Ok(None)` when stopped on request.
 async fn execute_steps(ctx: &RunContext, run: &Run) -> Result<Option<String>> {
-    let job = ctx
-        .store
-        .with(|s| s.job(&run.job_id))?
-        .with_context(|| format!("run {} names job {}, which is not in the store", run.id, run.job_id))?;
-    let mut checkpoint = Checkpoint::parse(ctx.store.with(|s| s.run_checkpoint(&run.id))?.as_deref())?;
+    let job = ctx.store.with(|s| s.job(&run.job_id))?.with_context(|| {
+        format!(
+            "run {} names job {}, which is not in the store",
+            run.id, run.job_id
+        )
+    })?;
+    let mut checkpoint =
+        Checkpoint::parse(ctx.store.with(|s| s.run_checkpoint(&run.id))?.as_deref())?;
     let progress = Progress::new(ctx.store.clone(), run);
 
     if checkpoint.export.is_none() {
@@ -138,7 +141,10 @@ async fn execute_steps(ctx: &RunContext, run: &Run) -> Result<Option<String>> {
         checkpoint.staging_done = true;
         save(ctx, run, &checkpoint)?;
     }
-    let ami_id = checkpoint.ami_id.clone().context("the run's checkpoint lost its AMI")?;
+    let ami_id = checkpoint
+        .ami_id
+        .clone()
+        .context("the run's checkpoint lost its AMI")?;
     let lineage = lineage_of(&job, run, &staged, &checkpoint, ctx.config.aws.keep_staged);
     ctx.store
         .with(|s| Ok(s.complete_run(&run.id, &ami_id, &lineage, Timestamp::now())?))?;
@@ -231,10 +237,12 @@ async fn remove_leftover_snapshots(
     let open = ctx.store.with(|s| s.open_snapshots(source))?;
     for entry in open.into_iter().filter(|e| e.purpose == purpose) {
         tracing::info!(snapshot = %entry.name, vm = %entry.vm_id, "removing a snapshot an earlier attempt left");
-        let vm = client
-            .find_vm(&entry.vm_id)
-            .await
-            .with_context(|| format!("finding VM {} to remove snapshot {}", entry.vm_id, entry.name))?;
+        let vm = client.find_vm(&entry.vm_id).await.with_context(|| {
+            format!(
+                "finding VM {} to remove snapshot {}",
+                entry.vm_id, entry.name
+            )
+        })?;
         export::remove_by_name(&ctx.store, client, entry.id, &vm.moref, &entry.name).await;
         let still_open = ctx
             .store
@@ -344,7 +352,9 @@ async fn import_step(
         job.vm_name, job.server_id, run.id
     ));
     options.tags = resource_tags(job, run);
-    options.tags.push(("rehost:disk-key".into(), key.to_owned()));
+    options
+        .tags
+        .push(("rehost:disk-key".into(), key.to_owned()));
     if parent_snapshot_id.is_none() && (job.encrypted || job.kms_key_id.is_some()) {
         options.encryption = Encryption::Encrypted {
             kms_key_arn: match &job.kms_key_id {
@@ -365,9 +375,18 @@ async fn import_step(
     let disks = staged.manifest.disks.len().max(1);
     let import_progress = progress.clone();
     options.progress = Some(ProgressCallback(Arc::new(move |p| {
-        import_progress.import_position(index, disks, p.position_bytes, p.virtual_size_bytes, p.blocks_written);
+        import_progress.import_position(
+            index,
+            disks,
+            p.position_bytes,
+            p.virtual_size_bytes,
+            p.blocks_written,
+        );
     })));
-    progress.stage(RunStage::Import, progress.import_start_percent(index, disks))?;
+    progress.stage(
+        RunStage::Import,
+        progress.import_start_percent(index, disks),
+    )?;
 
     let mut stop = ctx.stop.clone();
     let watcher = tokio::spawn(async move {
@@ -391,7 +410,10 @@ async fn import_step(
 }
 
 /// The completed import of `identity` among the journals in `dir`, if any.
-fn completed_import(dir: &std::path::Path, identity: &SourceIdentity) -> Result<Option<ImportedDisk>> {
+fn completed_import(
+    dir: &std::path::Path,
+    identity: &SourceIdentity,
+) -> Result<Option<ImportedDisk>> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(None);
     };
@@ -401,7 +423,9 @@ fn completed_import(dir: &std::path::Path, identity: &SourceIdentity) -> Result<
             continue;
         }
         let state = rehost_importer::ebs::journal::JournalState::read(&path)?;
-        let (Some(start), Some(snapshot_id), Some(_)) = (&state.start, &state.snapshot_id, state.completed) else {
+        let (Some(start), Some(snapshot_id), Some(_)) =
+            (&state.start, &state.snapshot_id, state.completed)
+        else {
             continue;
         };
         if start.source == *identity {
@@ -470,7 +494,10 @@ fn previous_boot(ctx: &RunContext, lineage: &[DiskLineage]) -> Result<Boot> {
 /// Import journals of a run: next to the store, so a restarted connector finds them.
 fn journal_dir(config: &Config, run: &Run) -> std::path::PathBuf {
     let store = config.store_path();
-    let dir = store.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let dir = store
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
     dir.join("journals").join(&run.id.0)
 }
 
@@ -496,14 +523,28 @@ pub fn ami_name(job: &Job, run: &Run) -> String {
     let vm: String = job
         .vm_name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "()[]./-'@_".contains(c) { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "()[]./-'@_".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(64)
         .collect();
     format!("rehost-{vm}-{}", run.id)
 }
 
-async fn register_step(ctx: &RunContext, job: &Job, run: &Run, checkpoint: &Checkpoint) -> Result<String> {
-    let staged = checkpoint.export.as_ref().context("no export to register")?;
+async fn register_step(
+    ctx: &RunContext,
+    job: &Job,
+    run: &Run,
+    checkpoint: &Checkpoint,
+) -> Result<String> {
+    let staged = checkpoint
+        .export
+        .as_ref()
+        .context("no export to register")?;
     let mut volumes = staged.manifest.disks.iter().map(|d| {
         checkpoint
             .snapshots
@@ -516,7 +557,10 @@ async fn register_step(ctx: &RunContext, job: &Job, run: &Run, checkpoint: &Chec
     });
     let root = volumes.next().context("the VM has no disk")??;
     let data = volumes.collect::<Result<Vec<_>>>()?;
-    let (mode, arch) = checkpoint.boot.clone().context("the root disk's boot mode is not known")?;
+    let (mode, arch) = checkpoint
+        .boot
+        .clone()
+        .context("the root disk's boot mode is not known")?;
     let boot = BootRequest::parse(&mode, &arch)?;
     let spec = AmiSpec {
         name: ami_name(job, run),
@@ -577,7 +621,10 @@ fn lineage_of(
             job_id: job.id.clone(),
             disk_key: disk.key.clone(),
             last_change_id: disk.change_id.clone(),
-            last_snapshot_id: checkpoint.snapshots.get(&disk.key).map(|s| s.snapshot_id.clone()),
+            last_snapshot_id: checkpoint
+                .snapshots
+                .get(&disk.key)
+                .map(|s| s.snapshot_id.clone()),
             last_manifest: Some(staged.manifest_location.clone()),
             last_staged_image: keep_staged.then(|| image.clone()),
             last_run_id: Some(run.id.clone()),
@@ -639,19 +686,25 @@ impl Progress {
     }
 
     fn stage(&self, stage: RunStage, percent: u8) -> Result<()> {
-        self.update(|s| {
-            s.stage = Some(stage);
-            s.percent = s.percent.max(percent);
-        }, true)
+        self.update(
+            |s| {
+                s.stage = Some(stage);
+                s.percent = s.percent.max(percent);
+            },
+            true,
+        )
     }
 
     /// Export: 1–50 %.
     fn export_bytes(&self, done: u64, total: u64) {
         let percent = 1 + scale(done, total, 49);
-        let _ = self.update(|s| {
-            s.exported_bytes = done;
-            s.percent = s.percent.max(percent);
-        }, false);
+        let _ = self.update(
+            |s| {
+                s.exported_bytes = done;
+                s.percent = s.percent.max(percent);
+            },
+            false,
+        );
     }
 
     /// Import: 50–95 %, the disks in turn.
@@ -659,19 +712,36 @@ impl Progress {
         50 + scale(index as u64, disks as u64, 45)
     }
 
-    fn import_position(&self, index: usize, disks: usize, position: u64, size: u64, blocks_written: u64) {
+    fn import_position(
+        &self,
+        index: usize,
+        disks: usize,
+        position: u64,
+        size: u64,
+        blocks_written: u64,
+    ) {
         let span = u8::try_from(45 / disks.max(1)).unwrap_or(45);
         let percent = self.import_start_percent(index, disks) + scale(position, size, span);
-        let _ = self.update(|s| {
-            s.percent = s.percent.max(percent.min(95));
-            s.imported_bytes = s.imported_bytes.max(blocks_written * rehost_core::EBS_BLOCK_SIZE);
-        }, false);
+        let _ = self.update(
+            |s| {
+                s.percent = s.percent.max(percent.min(95));
+                s.imported_bytes = s
+                    .imported_bytes
+                    .max(blocks_written * rehost_core::EBS_BLOCK_SIZE);
+            },
+            false,
+        );
     }
 
     fn imported_bytes(&self, blocks_written: u64) {
-        let _ = self.update(|s| {
-            s.imported_bytes = s.imported_bytes.max(blocks_written * rehost_core::EBS_BLOCK_SIZE);
-        }, true);
+        let _ = self.update(
+            |s| {
+                s.imported_bytes = s
+                    .imported_bytes
+                    .max(blocks_written * rehost_core::EBS_BLOCK_SIZE);
+            },
+            true,
+        );
     }
 
     fn update(&self, change: impl FnOnce(&mut ProgressState), force: bool) -> Result<()> {
@@ -681,7 +751,9 @@ impl Progress {
                 .lock()
                 .map_err(|_| anyhow::anyhow!("progress lock poisoned"))?;
             change(&mut state);
-            let due = state.written.is_none_or(|t| t.elapsed() >= Self::MIN_INTERVAL);
+            let due = state
+                .written
+                .is_none_or(|t| t.elapsed() >= Self::MIN_INTERVAL);
             if !force && !due {
                 return Ok(());
             }
@@ -710,6 +782,113 @@ fn scale(part: u64, whole: u64, span: u8) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::model::{JobId, JobState, LicenseType, RunId, ServerId};
+
+    fn job() -> Job {
+        Job {
+            id: JobId("sms-job-1".into()),
+            server_id: ServerId("s-1".into()),
+            source: "vc1".into(),
+            vm_id: "uuid-1".into(),
+            vm_name: "web 01/prod".into(),
+            seed_replication_time: Timestamp(0),
+            frequency_hours: Some(12),
+            run_once: false,
+            license_type: LicenseType::Byol,
+            number_of_recent_amis_to_keep: 2,
+            encrypted: false,
+            kms_key_id: None,
+            description: None,
+            state: JobState::Active,
+            status_message: None,
+            next_replication_run_start_time: None,
+            consecutive_failures: 0,
+            latest_ami_id: None,
+            created_at: Timestamp(0),
+        }
+    }
+
+    fn lineage(key: &str, manifest: &str, change_id: Option<&str>) -> DiskLineage {
+        DiskLineage {
+            job_id: JobId("sms-job-1".into()),
+            disk_key: key.into(),
+            last_change_id: change_id.map(str::to_owned),
+            last_snapshot_id: Some(format!("snap-{key}")),
+            last_manifest: Some(manifest.into()),
+            last_staged_image: None,
+            last_run_id: Some(RunId("sms-run-1".into())),
+        }
+    }
+
+    #[test]
+    fn a_run_is_incremental_only_when_every_disk_has_a_lineage_from_one_run_with_a_change_id() {
+        let job = job();
+        assert_eq!(incremental_base(&[], &job), None);
+        let m = "s3://b/p/sms-job-1/sms-run-1/web.manifest.json";
+        assert_eq!(
+            incremental_base(
+                &[
+                    lineage("2000", m, Some("c1")),
+                    lineage("2001", m, Some("c2"))
+                ],
+                &job
+            ),
+            Some(m.to_owned())
+        );
+        // A disk read without CBT has no changeId: no changes can be asked since.
+        assert_eq!(incremental_base(&[lineage("2000", m, None)], &job), None);
+        // Lineages from two different runs.
+        assert_eq!(
+            incremental_base(
+                &[
+                    lineage("2000", m, Some("c1")),
+                    lineage("2001", "other", Some("c2"))
+                ],
+                &job
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn ami_names_are_unique_to_the_run_and_use_only_allowed_characters() {
+        let run_id = RunId("sms-run-0123456789abcdef0".into());
+        let name = super::ami_name(&job(), &run_with(&run_id));
+        assert_eq!(name, "rehost-web-01/prod-sms-run-0123456789abcdef0");
+        assert!(name.len() <= 128, "EC2 allows 128 characters");
+    }
+
+    fn run_with(id: &RunId) -> Run {
+        Run {
+            id: id.clone(),
+            job_id: JobId("sms-job-1".into()),
+            run_type: crate::jobs::model::RunType::OnDemand,
+            state: crate::jobs::model::RunState::Active,
+            stage: RunStage::Queued,
+            progress_percent: 0,
+            bytes_moved: 0,
+            status_message: None,
+            ami_id: None,
+            scheduled_start_time: Timestamp(0),
+            started_at: None,
+            completed_at: None,
+            attempt: 1,
+            description: None,
+        }
+    }
+
+    #[test]
+    fn tags_name_the_job_run_server_and_license() {
+        let tags = resource_tags(&job(), &run_with(&RunId("sms-run-1".into())));
+        let get = |k: &str| {
+            tags.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get(JOB_TAG), Some("sms-job-1"));
+        assert_eq!(get(RUN_TAG), Some("sms-run-1"));
+        assert_eq!(get("rehost:license-type"), Some("BYOL"));
+    }
 
     #[test]
     fn progress_scales_stay_in_their_span() {

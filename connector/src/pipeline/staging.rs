@@ -13,10 +13,9 @@ use crate::jobs::model::{JobId, RunId};
 /// run's delta images name their parents by a path that stays valid, and a run's
 /// leftovers are found by prefix.
 pub fn run_prefix(aws: &AwsConfig, job: &JobId, run: &RunId) -> Result<(String, String)> {
-    let bucket = aws
-        .staging_bucket
-        .clone()
-        .context("[aws] staging_bucket is not set in the config: replication runs stage their images there")?;
+    let bucket = aws.staging_bucket.clone().context(
+        "[aws] staging_bucket is not set in the config: replication runs stage their images there",
+    )?;
     Ok((bucket, format!("{}{job}/{run}/", aws.staging_prefix)))
 }
 
@@ -50,7 +49,11 @@ pub async fn abort_open_uploads(clients: &Clients, bucket: &str, prefix: &str) -
                 .send()
                 .await
                 .with_context(|| format!("aborting the open upload of s3://{bucket}/{key}"))?;
-            tracing::info!(bucket, key, "aborted a multipart upload left by an earlier attempt");
+            tracing::info!(
+                bucket,
+                key,
+                "aborted a multipart upload left by an earlier attempt"
+            );
             aborted += 1;
         }
         if page.is_truncated() != Some(true) {
@@ -121,9 +124,16 @@ mod tests {
         };
         let (bucket, prefix) =
             run_prefix(&aws, &JobId("sms-job-1".into()), &RunId("sms-run-2".into())).unwrap();
-        assert_eq!((bucket.as_str(), prefix.as_str()), ("b", "rehost/sms-job-1/sms-run-2/"));
-        let err = run_prefix(&AwsConfig::default(), &JobId("j".into()), &RunId("r".into()))
-            .unwrap_err();
+        assert_eq!(
+            (bucket.as_str(), prefix.as_str()),
+            ("b", "rehost/sms-job-1/sms-run-2/")
+        );
+        let err = run_prefix(
+            &AwsConfig::default(),
+            &JobId("j".into()),
+            &RunId("r".into()),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("staging_bucket"), "{err}");
     }
 }
