@@ -60,6 +60,7 @@ fn default_store_path() -> PathBuf {
 
 /// `[aws]`: the account replication runs write to. Credentials come from the usual AWS
 /// chain (environment, profile, instance role), never from this file.
+#[allow(dead_code)] // read by `rehost serve` and the run pipeline (written alongside)
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwsConfig {
@@ -85,6 +86,7 @@ fn default_staging_prefix() -> String {
 }
 
 /// `[api]`: the REST API of `rehost serve`.
+#[allow(dead_code)] // read by `rehost serve` and the run pipeline (written alongside)
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
@@ -164,7 +166,11 @@ fn default_retry_backoff_secs() -> u64 {
 impl SchedulerConfig {
     /// Seconds in one unit of `frequency_hours` (3600, or 1 under the test override).
     pub fn frequency_unit_secs(&self) -> i64 {
-        if self.test_frequency_unit_secs { 1 } else { 3600 }
+        if self.test_frequency_unit_secs {
+            1
+        } else {
+            3600
+        }
     }
 }
 
@@ -379,6 +385,7 @@ impl Config {
 
     /// The API's bearer token, read from where `[api]` points; `None` when it names
     /// none (then `rehost serve` refuses to start: the API is never open).
+    #[allow(dead_code)] // read by `rehost serve` and the run pipeline (written alongside)
     pub fn api_token(&self) -> Result<Option<String>> {
         if let Some(var) = &self.api.token_env {
             let token = std::env::var(var).with_context(|| {
@@ -388,16 +395,19 @@ impl Config {
         }
         if let Some(file) = &self.api.token_file {
             let path = self.resolve(file);
-            let token = std::fs::read_to_string(&path).with_context(|| {
-                format!("[api]: reading token_file {}", path.display())
-            })?;
-            return check_token(token.trim_end_matches(['\n', '\r']).to_owned(), &path.display().to_string())
-                .map(Some);
+            let token = std::fs::read_to_string(&path)
+                .with_context(|| format!("[api]: reading token_file {}", path.display()))?;
+            return check_token(
+                token.trim_end_matches(['\n', '\r']).to_owned(),
+                &path.display().to_string(),
+            )
+            .map(Some);
         }
         Ok(None)
     }
 
     /// The AWS options of `[aws]`.
+    #[allow(dead_code)] // read by `rehost serve` and the run pipeline (written alongside)
     pub fn aws_options(&self) -> rehost_importer::aws::AwsOptions {
         rehost_importer::aws::AwsOptions {
             region: self.aws.region.clone(),
@@ -409,9 +419,12 @@ impl Config {
 }
 
 /// A token must be long enough not to be guessed; `from` names where it came from.
+#[allow(dead_code)] // read by `rehost serve` and the run pipeline (written alongside)
 fn check_token(token: String, from: &str) -> Result<String> {
     if token.trim().len() < 16 {
-        bail!("[api]: the token in {from} is shorter than 16 characters; use a long random one (e.g. `openssl rand -hex 32`)");
+        bail!(
+            "[api]: the token in {from} is shorter than 16 characters; use a long random one (e.g. `openssl rand -hex 32`)"
+        );
     }
     Ok(token)
 }

@@ -160,13 +160,23 @@ fn list(source: Option<&str>, common: &ConfigArgs) -> Result<ExitCode> {
         OutputMode::Json => print_json(&servers)?,
         OutputMode::Table => {
             println!(
-                "{:<8} {:<24} {:<38} {:<12} {:>4} {:>8} {:<5} {:>5} {:>10}  NOTE",
-                "SOURCE", "NAME", "ID", "POWER", "CPU", "MEM_MIB", "FW", "DISKS", "GIB"
+                "{:<19} {:<8} {:<24} {:<38} {:<12} {:>4} {:>8} {:<5} {:>5} {:>10}  NOTE",
+                "SERVER_ID",
+                "SOURCE",
+                "NAME",
+                "VM_ID",
+                "POWER",
+                "CPU",
+                "MEM_MIB",
+                "FW",
+                "DISKS",
+                "GIB"
             );
             for s in &servers {
                 let gib: u64 = s.info.disks.iter().map(|d| d.capacity_bytes).sum::<u64>() >> 30;
                 println!(
-                    "{:<8} {:<24} {:<38} {:<12} {:>4} {:>8} {:<5} {:>5} {:>10}  {}",
+                    "{:<19} {:<8} {:<24} {:<38} {:<12} {:>4} {:>8} {:<5} {:>5} {:>10}  {}",
+                    s.server_id,
                     s.source,
                     s.info.name,
                     s.info.id,

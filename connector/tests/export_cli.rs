@@ -289,6 +289,11 @@ fn catalog_import_stores_every_vm_with_its_disks() {
     assert_eq!(vm0["source"], "vc1");
     assert_eq!(vm0["power_state"], "powered_on");
     assert!(vm0["id"].as_str().unwrap().len() >= 32, "{vm0}");
+    let server_id = vm0["server_id"].as_str().unwrap();
+    assert!(
+        server_id.starts_with("s-") && server_id.len() == 19,
+        "{vm0}"
+    );
     assert_eq!(vm0["disks"][0]["id"], "2000");
     assert_eq!(vm0["disks"][0]["capacity_bytes"], 16 * MIB as u64);
     assert!(

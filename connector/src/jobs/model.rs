@@ -32,7 +32,9 @@ impl Timestamp {
         use aws_smithy_types::date_time::{DateTime, Format};
         DateTime::from_str(text.trim(), Format::DateTime)
             .map(|t| Timestamp(t.secs()))
-            .map_err(|e| format!("{text:?} is not an RFC 3339 time such as 2026-12-07T15:00:00Z: {e}"))
+            .map_err(|e| {
+                format!("{text:?} is not an RFC 3339 time such as 2026-12-07T15:00:00Z: {e}")
+            })
     }
 
     /// This time plus `secs` seconds (saturating).
@@ -138,6 +140,85 @@ pub enum RunState {
     Deleting,
     /// Its AMI was deregistered.
     Deleted,
+}
+
+impl JobState {
+    /// The SMS name (`PAUSED_ON_FAILURE`), as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "PENDING",
+            JobState::Active => "ACTIVE",
+            JobState::Failing => "FAILING",
+            JobState::Failed => "FAILED",
+            JobState::PausedOnFailure => "PAUSED_ON_FAILURE",
+            JobState::Completed => "COMPLETED",
+            JobState::Deleting => "DELETING",
+            JobState::Deleted => "DELETED",
+        }
+    }
+
+    /// Whether the schedule starts runs of a job in this state.
+    pub fn is_scheduled(self) -> bool {
+        matches!(
+            self,
+            JobState::Pending | JobState::Active | JobState::Failing
+        )
+    }
+
+    /// Every state, for tests and for listing.
+    pub const ALL: [JobState; 8] = [
+        JobState::Pending,
+        JobState::Active,
+        JobState::Failing,
+        JobState::Failed,
+        JobState::PausedOnFailure,
+        JobState::Completed,
+        JobState::Deleting,
+        JobState::Deleted,
+    ];
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl RunState {
+    /// The SMS name (`COMPLETED`), as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Pending => "PENDING",
+            RunState::Missed => "MISSED",
+            RunState::Active => "ACTIVE",
+            RunState::Failed => "FAILED",
+            RunState::Completed => "COMPLETED",
+            RunState::Deleting => "DELETING",
+            RunState::Deleted => "DELETED",
+        }
+    }
+
+    /// PENDING or ACTIVE: a job has at most one such run.
+    pub fn is_open(self) -> bool {
+        matches!(self, RunState::Pending | RunState::Active)
+    }
+
+    /// Every state, for tests and for metrics.
+    pub const ALL: [RunState; 7] = [
+        RunState::Pending,
+        RunState::Missed,
+        RunState::Active,
+        RunState::Failed,
+        RunState::Completed,
+        RunState::Deleting,
+        RunState::Deleted,
+    ];
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// SMS's `ReplicationRunType`.
