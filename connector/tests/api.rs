@@ -3,277 +3,12 @@
 //! vCenter or AWS), spoken to over plain HTTP/1.1 on loopback.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+mod serve_harness;
+
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-
-const TOKEN: &str = "test-token-0123456789abcdef0123456789";
-const TOKEN_ENV: &str = "REHOST_TEST_API_TOKEN";
-
-fn rehost() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_rehost"));
-    command.env_remove("REHOST_CONFIG").env_remove("RUST_LOG");
-    command
-}
-
-/// A config in a temporary folder, with two catalogued test servers.
-struct Setup {
-    /// Kept for the folder's lifetime.
-    _dir: tempfile::TempDir,
-    config: PathBuf,
-}
-
-impl Setup {
-    fn new(api_section: &str) -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("rehost.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[store]
-path = "state/rehost.db"
-
-[[sources]]
-name = "vc1"
-kind = "vsphere"
-url = "https://127.0.0.1:9/sdk"
-username = "unused"
-password_env = "REHOST_TEST_UNUSED_PASSWORD"
-
-{api_section}
-"#
-            ),
-        )
-        .unwrap();
-        let setup = Setup { _dir: dir, config };
-        for name in ["web01", "db01"] {
-            setup.cli(&[
-                "servers",
-                "add-test-server",
-                "--source",
-                "vc1",
-                "--name",
-                name,
-            ]);
-        }
-        setup
-    }
-
-    fn with_token() -> Setup {
-        Setup::new(&format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"{TOKEN_ENV}\"\n"
-        ))
-    }
-
-    /// Runs `rehost ARGS --config CONFIG`, which must succeed; returns stdout.
-    fn cli(&self, args: &[&str]) -> String {
-        let output = self.cli_output(args);
-        assert!(
-            output.status.success(),
-            "rehost {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
-    }
-
-    fn cli_output(&self, args: &[&str]) -> Output {
-        rehost()
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .env(TOKEN_ENV, TOKEN)
-            .output()
-            .unwrap()
-    }
-}
-
-/// A running `rehost serve`.
-struct Connector {
-    child: Child,
-    address: String,
-    log: Arc<Mutex<Vec<String>>>,
-    setup: Setup,
-}
-
-impl Connector {
-    fn start() -> Connector {
-        Self::start_with(Setup::with_token())
-    }
-
-    fn start_with(setup: Setup) -> Connector {
-        let mut child = rehost()
-            .args(["serve", "--log", "info", "--config"])
-            .arg(&setup.config)
-            .env(TOKEN_ENV, TOKEN)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (address_tx, address_rx) = std::sync::mpsc::channel();
-        let lines = log.clone();
-        // Drains stderr for the server's whole life (a full pipe would block it).
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(address) = line.strip_prefix("listening on http://") {
-                    let _ = address_tx.send(address.trim().to_owned());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let address = match address_rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(address) => address,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("rehost serve did not start: {:?}", log.lock().unwrap());
-            }
-        };
-        Connector {
-            child,
-            address,
-            log,
-            setup,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.address)
-    }
-
-    /// POST /v1/{operation} with the right token.
-    fn call(&self, operation: &str, body: Value) -> (u16, Value) {
-        let answer = self.request(
-            "POST",
-            &format!("/v1/{operation}"),
-            Some(TOKEN),
-            Some(&body.to_string()),
-            "application/json",
-        );
-        (
-            answer.status,
-            serde_json::from_str(&answer.body).unwrap_or(Value::Null),
-        )
-    }
-
-    fn request(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<&str>,
-        content_type: &str,
-    ) -> Answer {
-        http(&self.address, method, path, token, body, content_type)
-    }
-
-    /// SIGTERM, then the exit status (within 20 s).
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "rehost serve did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Connector {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
-    }
-}
-
-/// One HTTP/1.1 request on its own connection (`Connection: close`): enough of a client
-/// for these checks, and no dependency.
-fn http(
-    address: &str,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-    content_type: &str,
-) -> Answer {
-    let mut stream = TcpStream::connect(address).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut request =
-        format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
-    if let Some(token) = token {
-        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
-    }
-    if let Some(body) = body {
-        request.push_str(&format!(
-            "Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ));
-    } else {
-        request.push_str("Content-Length: 0\r\n\r\n");
-    }
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    Answer {
-        status,
-        headers,
-        body: body.to_owned(),
-    }
-}
+use serve_harness::{Connector, Setup, TOKEN, TOKEN_ENV, webhook_receiver};
 
 fn create_body(server: &str) -> Value {
     json!({"serverId": server, "seedReplicationTime": "2030-01-01T00:00:00Z", "frequency": 12,
@@ -619,4 +354,41 @@ fn sigterm_stops_the_connector_gracefully() {
         "{:?}",
         log.lock().unwrap()
     );
+}
+
+#[test]
+fn job_events_reach_the_webhook_after_it_recovers() {
+    let (url, received) = webhook_receiver(1);
+    let setup = Setup::new(&format!(
+        "[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"{TOKEN_ENV}\"\nwebhook_url = \"{url}\"\n"
+    ));
+    let connector = Connector::start_with(setup);
+    let (status, created) = connector.call("CreateReplicationJob", create_body("web01"));
+    assert_eq!(status, 200, "{created}");
+
+    // Refused once, then delivered after the first backoff (1 s) and never again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while received
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(status, ..)| *status != 200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered: {:?}",
+            received.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let received = received.lock().unwrap();
+    assert_eq!(received.len(), 2, "{received:?}");
+    let (first, second) = (&received[0], &received[1]);
+    assert_eq!((first.0, second.0), (503, 200));
+    assert_eq!(first.1, second.1, "the same event is retried");
+    let event = &second.2;
+    assert_eq!(event["type"], "ReplicationJobStateChanged");
+    assert_eq!(event["replicationJobId"], created["replicationJobId"]);
+    assert_eq!(event["state"], "PENDING");
 }

@@ -337,7 +337,7 @@ fn responses_fit_their_schemas() {
         unsupported: vec![],
         catalogued_at: "2026-11-30T00:00:00Z".into(),
     };
-    let replication_job = replication_job(&job, Some(&server), &[run.clone()]);
+    let replication_job = replication_job(&job, Some(&server), std::slice::from_ref(&run));
     let replication_run = replication_run(&run, &job);
     let manager = VmManager {
         vm_manager_name: "vc1".into(),
