@@ -235,6 +235,15 @@ fn errors_are_json_with_the_status_that_fits() {
         assert_eq!(answer.status, status, "{method} {path}: {}", answer.body);
         assert_eq!(answer.json()["code"], code, "{method} {path}");
     }
+    let (status, error) = connector.call("CreateReplicationJob", create_body("no-such-vm"));
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (400, Some("InvalidParameterException"))
+    );
+    assert!(
+        error["message"].as_str().unwrap().starts_with("serverId: "),
+        "{error}"
+    );
     let (status, error) = connector.call(
         "UpdateReplicationJob",
         json!({"replicationJobId": "sms-job-1", "frequency": "daily"}),

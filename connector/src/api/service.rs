@@ -194,7 +194,16 @@ impl Service {
         r: CreateReplicationJobRequest,
     ) -> Result<CreateReplicationJobResponse, ApiError> {
         let server_text = r.server_id.clone();
-        let server = on_store(&self.store, move |s| Ok(s.find_server(&server_text)?)).await?;
+        let server = on_store(&self.store, move |s| {
+            s.find_server(&server_text).map_err(|err| match err {
+                // The store's NotFound answers as a missing *job*; here a parameter is wrong.
+                JobError::NotFound(message) => {
+                    ApiError::invalid_parameter(format!("serverId: {message}"))
+                }
+                other => ApiError::from(other),
+            })
+        })
+        .await?;
         if let Some(key) = &r.kms_key_id {
             self.check_kms_key(key).await?;
         }
