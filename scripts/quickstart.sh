@@ -93,11 +93,11 @@ echo "== rehost servers import-catalog --source vc1"
 "$rehost" servers import-catalog --source vc1
 echo "== rehost jobs create --server $vm --run-once"
 job=$("$rehost" jobs create --server "$vm" --run-once --seed-time now --output json |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["replicationJobId"])')
 echo "   job $job"
 echo "== rehost jobs start $job --wait"
 ami=$("$rehost" jobs start "$job" --wait --output json |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["ami_id"])')
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["amiId"])')
 echo "   AMI: $ami"
 echo "== rehost snapshot verify $ami --against disk.raw"
 "$rehost" snapshot verify "$ami" --against "$work/disk.raw" --endpoint-url "$endpoint"

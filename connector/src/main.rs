@@ -1,15 +1,17 @@
 //! `rehost`: the connector's command line: the disk-image tools (`rehost disk …`), the
 //! importer (`import`, `stage`, `snapshot`, `amis`), the config and server catalog
-//! (`config check`, `servers`) and vSphere exports (`export`); jobs and the API server
-//! join it as they land.
+//! (`config check`, `servers`), vSphere exports (`export`), replication jobs (`jobs`,
+//! `runs`) and the connector itself (`serve`: the API, the scheduler, the webhook).
 
 mod amis_cmd;
+mod api;
 mod aws_args;
 mod config;
 mod disk_cmd;
 mod export;
 mod import_cmd;
 mod jobs;
+mod jobs_cmd;
 mod output;
 mod pipeline;
 mod progress;
@@ -61,6 +63,14 @@ enum Command {
     /// Export a VM's disks through a snapshot (changed blocks only with --base) to a
     /// folder or S3; --cleanup removes snapshots a crashed export left.
     Export(Box<export::ExportArgs>),
+    /// Run the connector: the API, the job scheduler and the webhook, until Ctrl-C/SIGTERM.
+    Serve(api::ServeArgs),
+    /// Replication jobs: create, list, show, update, delete, resume, start a run.
+    #[command(subcommand)]
+    Jobs(jobs_cmd::JobsCommand),
+    /// Replication runs of a job.
+    #[command(subcommand)]
+    Runs(jobs_cmd::RunsCommand),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +85,9 @@ fn main() -> ExitCode {
         Command::Config(cmd) => servers_cmd::run_config(cmd),
         Command::Servers(cmd) => servers_cmd::run(cmd),
         Command::Export(args) => export::run(*args),
+        Command::Serve(args) => api::run(args),
+        Command::Jobs(cmd) => jobs_cmd::run(cmd),
+        Command::Runs(cmd) => jobs_cmd::run_runs(cmd),
     };
     match result {
         Ok(code) => code,

@@ -20,3 +20,18 @@ pub fn bytes_bar(total: u64, message: &str, hidden: bool) -> ProgressBar {
     bar.set_message(message.to_owned());
     bar
 }
+
+/// A 0–100 % progress bar on stderr (a replication run's progress), hidden like
+/// [`bytes_bar`]; the message says where the run is.
+pub fn percent_bar(message: &str, hidden: bool) -> ProgressBar {
+    if hidden || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(100);
+    let style = ProgressStyle::with_template("[{bar:40}] {pos:>3}% {elapsed_precise} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(message.to_owned());
+    bar
+}

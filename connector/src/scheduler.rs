@@ -417,8 +417,9 @@ pub fn record_end(store: &SharedStore, policy: &Policy, id: &RunId, end: RunEnd,
 pub async fn run_here(
     config: Arc<Config>,
     store: SharedStore,
-    id: &RunId,
+    id: RunId,
 ) -> Result<Option<RunEnd>> {
+    let id = &id;
     let owner = owner_id();
     let Some(run) = store.with(|s| Ok(s.claim_run(id, &owner, Timestamp::now())?))? else {
         return Ok(None);

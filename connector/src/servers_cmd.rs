@@ -8,9 +8,9 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use crate::aws_args::runtime;
-use crate::config::Config;
+use crate::config::{Config, SourceConfig};
 use crate::output::{OutputMode, print_json};
-use crate::store::Store;
+use crate::store::{SharedStore, Store};
 
 /// The config file and output options every source command takes.
 #[derive(Debug, Clone, Args)]
@@ -41,6 +41,22 @@ pub enum ServersCommand {
         #[command(flatten)]
         common: ConfigArgs,
     },
+    /// Tests only: adds a made-up VM to a source's catalog without asking the source, so
+    /// that the API and job commands can be tested without a vCenter.
+    #[command(hide = true)]
+    AddTestServer {
+        /// The source (as named in the config) the VM is catalogued under.
+        #[arg(long)]
+        source: String,
+        /// The VM's name.
+        #[arg(long)]
+        name: String,
+        /// The VM's id in the source (default: `test-<name>`).
+        #[arg(long)]
+        vm_id: Option<String>,
+        #[command(flatten)]
+        common: ConfigArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,27 +84,34 @@ pub fn run(cmd: ServersCommand) -> Result<ExitCode> {
     match cmd {
         ServersCommand::ImportCatalog { source, common } => import_catalog(&source, &common),
         ServersCommand::List { source, common } => list(source.as_deref(), &common),
+        ServersCommand::AddTestServer {
+            source,
+            name,
+            vm_id,
+            common,
+        } => add_test_server(&source, &name, vm_id, &common),
     }
 }
 
+/// What importing one source's catalog found.
 #[derive(Debug, Serialize)]
-struct ImportReport {
-    source: String,
-    servers: usize,
-    unsupported: usize,
+pub struct ImportReport {
+    pub source: String,
+    pub servers: usize,
+    pub unsupported: usize,
 }
 
-fn import_catalog(source_name: &str, common: &ConfigArgs) -> Result<ExitCode> {
-    let config = Config::locate(common.config.as_deref())?;
-    let source = config.source(source_name)?.clone();
-    let mut store = Store::open(&config.store_path())?;
-    let vms = runtime()?.block_on(async {
-        let client = crate::sources::connect_vsphere(&config, &source).await?;
-        let vms = client.list_vms().await;
-        let _ = client.logout().await;
-        anyhow::Ok(vms?)
-    })?;
-    store.replace_catalog(&source.name, &source.kind.to_string(), &source.url, &vms)?;
+/// Reads every VM of `source` into the store's catalog, replacing that source's entries:
+/// what `servers import-catalog` and the API's ImportServerCatalog both do.
+pub async fn import_source_catalog(
+    config: &Config,
+    source: &SourceConfig,
+    store: &SharedStore,
+) -> Result<ImportReport> {
+    let client = crate::sources::connect_vsphere(config, source).await?;
+    let vms = client.list_vms().await;
+    let _ = client.logout().await;
+    let vms = vms?;
     let report = ImportReport {
         source: source.name.clone(),
         servers: vms.len(),
@@ -97,6 +120,25 @@ fn import_catalog(source_name: &str, common: &ConfigArgs) -> Result<ExitCode> {
             .filter(|v| !v.unsupported_reasons().is_empty())
             .count(),
     };
+    let (name, kind, url) = (
+        source.name.clone(),
+        source.kind.to_string(),
+        source.url.clone(),
+    );
+    let store = store.clone();
+    // SQLite blocks; keep it off the async workers.
+    tokio::task::spawn_blocking(move || {
+        store.with(|s| s.replace_catalog(&name, &kind, &url, &vms))
+    })
+    .await??;
+    Ok(report)
+}
+
+fn import_catalog(source_name: &str, common: &ConfigArgs) -> Result<ExitCode> {
+    let config = Config::locate(common.config.as_deref())?;
+    let source = config.source(source_name)?.clone();
+    let store = SharedStore::open(&config.store_path())?;
+    let report = runtime()?.block_on(import_source_catalog(&config, &source, &store))?;
     match common.output {
         OutputMode::Json => print_json(&report)?,
         OutputMode::Table => println!(
@@ -149,6 +191,49 @@ fn list(source: Option<&str>, common: &ConfigArgs) -> Result<ExitCode> {
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn add_test_server(
+    source_name: &str,
+    name: &str,
+    vm_id: Option<String>,
+    common: &ConfigArgs,
+) -> Result<ExitCode> {
+    use rehost_core::{DiskId, DiskInfo, Firmware, PowerState, VmId, VmInfo};
+
+    let config = Config::locate(common.config.as_deref())?;
+    let source = config.source(source_name)?;
+    let mut store = Store::open(&config.store_path())?;
+    let vm_id = vm_id.unwrap_or_else(|| format!("test-{name}"));
+    let mut vms: Vec<VmInfo> = store
+        .servers(Some(source_name))?
+        .into_iter()
+        .map(|s| s.info)
+        .filter(|vm| vm.id.to_string() != vm_id)
+        .collect();
+    vms.push(VmInfo {
+        id: VmId::from(vm_id.as_str()),
+        name: name.to_owned(),
+        path: format!("/test/vm/{name}"),
+        source_ref: format!("vm-{name}"),
+        power_state: PowerState::PoweredOn,
+        guest_os: "test".to_owned(),
+        cpus: 1,
+        memory_mib: 1024,
+        firmware: Firmware::Bios,
+        change_tracking: true,
+        disks: vec![DiskInfo {
+            id: DiskId::from("2000"),
+            label: "Hard disk 1".to_owned(),
+            capacity_bytes: 1 << 30,
+            location: format!("[test] {name}/{name}.vmdk"),
+            change_id: None,
+            unsupported: None,
+        }],
+    });
+    store.replace_catalog(&source.name, &source.kind.to_string(), &source.url, &vms)?;
+    println!("added test server {name} ({vm_id}) to {source_name}");
     Ok(ExitCode::SUCCESS)
 }
 

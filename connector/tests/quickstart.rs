@@ -8,7 +8,10 @@ use std::process::Command;
 
 #[test]
 fn the_quick_start_replicates_a_vm_whose_ami_verifies_and_boots() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let work = tempfile::tempdir().unwrap();
     let out = Command::new(root.join("scripts/quickstart.sh"))
         .env("REHOST_BIN", env!("CARGO_BIN_EXE_rehost"))
@@ -17,8 +20,14 @@ fn the_quick_start_replicates_a_vm_whose_ami_verifies_and_boots() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "quickstart.sh failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "quickstart.sh failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("AMI: ami-"), "{stdout}");
     assert!(stdout.contains("identical"), "the verify result: {stdout}");
-    assert!(stdout.contains("REHOST-BOOTED: Linux"), "the boot check: {stdout}\n{stderr}");
+    assert!(
+        stdout.contains("REHOST-BOOTED: Linux"),
+        "the boot check: {stdout}\n{stderr}"
+    );
 }

@@ -296,6 +296,16 @@ impl SharedStore {
         SharedStore(Arc::new(Mutex::new(store)))
     }
 
+    /// Opens the config's store, with the config's scheduling policy (the frequency unit
+    /// and the retry rules its transitions apply), and shares it.
+    pub fn for_config(config: &crate::config::Config) -> Result<SharedStore> {
+        let mut store = Store::open(&config.store_path())?;
+        store.set_policy(crate::jobs::transition::Policy::from_config(
+            &config.scheduler,
+        ));
+        Ok(SharedStore::new(store))
+    }
+
     /// Opens the store at `path` and shares it.
     pub fn open(path: &Path) -> Result<SharedStore> {
         Ok(SharedStore::new(Store::open(path)?))
