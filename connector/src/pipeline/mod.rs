@@ -343,9 +343,10 @@ async fn import_step(
         tracing::info!(run = %run.id, disk = key, snapshot_id = %done.snapshot_id, "disk already imported by an earlier attempt");
         return Ok(Some(done));
     }
-    let mut options = ImportOptions::new(identity, journal);
     // Continues the pending snapshot of an earlier attempt when its journal is there.
-    options.resume = true;
+    let resume = journal.find_pending(&identity)?.is_some();
+    let mut options = ImportOptions::new(identity, journal);
+    options.resume = resume;
     options.parent_snapshot_id = parent_snapshot_id.clone();
     options.description = Some(format!(
         "rehost: disk {key} of {} ({}), run {}",
