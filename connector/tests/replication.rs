@@ -190,16 +190,20 @@ test_frequency_unit_secs = {seconds}
 
     /// `rehost serve`, started and its API address read.
     fn serve(&self) -> Serve {
-        let mut child = self
-            .command(&["serve"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        // Owned by `Serve` at once, whose Drop kills and waits for it on every path.
+        let mut serve = Serve {
+            child: self
+                .command(&["serve"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+            url: String::new(),
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
+            Box::new(serve.child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(serve.child.stderr.take().unwrap()),
         ] {
             let tx = tx.clone();
             std::thread::spawn(move || {
@@ -213,12 +217,10 @@ test_frequency_unit_secs = {seconds}
         while Instant::now() < deadline {
             if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
                 if let Some(at) = line.find("http://") {
-                    let url = line[at..].split_whitespace().next().unwrap().to_owned();
-                    return Serve {
-                        child,
-                        url,
-                        log: rx,
-                    };
+                    serve.url = line[at..].split_whitespace().next().unwrap().to_owned();
+                    // Keep draining the connector's output so it never blocks writing it.
+                    std::thread::spawn(move || while rx.recv().is_ok() {});
+                    return serve;
                 }
                 seen.push(line);
             }
@@ -299,8 +301,6 @@ test_frequency_unit_secs = {seconds}
 struct Serve {
     child: Child,
     url: String,
-    #[allow(dead_code)]
-    log: std::sync::mpsc::Receiver<String>,
 }
 
 impl Serve {
@@ -350,10 +350,11 @@ fn state(run: &Value) -> &str {
 }
 
 fn ami(run: &Value) -> &str {
-    run.get("amiId")
-        .or_else(|| run.get("ami_id"))
-        .and_then(Value::as_str)
-        .unwrap_or_default()
+    run["amiId"].as_str().unwrap_or_default()
+}
+
+fn stage(run: &Value) -> &str {
+    run["stageDetails"]["stage"].as_str().unwrap_or_default()
 }
 
 fn completed(runs: &[Value]) -> usize {
