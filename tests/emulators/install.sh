@@ -18,7 +18,6 @@ command -v mcopy >/dev/null 2>&1 || need_apt+=(mtools)
 # scripts/make-linux-image.sh (a disk that really boots: busybox in its initramfs) and
 # scripts/boot-check.sh (boots it, or its EBS snapshot read back, under qemu and OVMF).
 [[ -x /bin/busybox ]] && /bin/busybox --list | grep -qx poweroff || need_apt+=(busybox-static)
-command -v qemu-system-x86_64 >/dev/null 2>&1 || need_apt+=(qemu-system-x86)
 [[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ]] || need_apt+=(ovmf)
 
 if ((${#need_apt[@]})); then
@@ -29,6 +28,25 @@ if ((${#need_apt[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+# qemu-system-x86 must come from the same release as qemu-utils: on Debian 12, installing
+# the distribution's 7.2 would replace a qemu-utils 10 with 7.2 (qemu before 10 sizes some
+# VHDs by CHS geometry, and the format tests are checked against 10). So when qemu-img is 10
+# or newer, both come from bookworm-backports, which has the same 10.x build.
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+  [[ $(id -u) -eq 0 ]] || { echo "missing: qemu-system-x86 (run as root)" >&2; exit 1; }
+  export DEBIAN_FRONTEND=noninteractive
+  qemu_major=$(qemu-img --version | sed -n 's/^qemu-img version \([0-9]*\).*/\1/p')
+  codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+  if ((qemu_major >= 10)) && [[ $codename == bookworm ]]; then
+    list=/etc/apt/sources.list.d/rehost-backports.list
+    [[ -f $list ]] || echo "deb http://deb.debian.org/debian bookworm-backports main" >"$list"
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-utils qemu-system-x86 >/dev/null
+  else
+    apt-get install -y -qq --no-install-recommends qemu-system-x86 >/dev/null
+  fi
 fi
 qemu-img --version | head -n 1
 "$(dirname "$0")/moto/install.sh"
