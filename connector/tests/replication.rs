@@ -579,3 +579,80 @@ fn a_failing_source_pauses_the_job_until_resumed() {
     world.wait_runs(&job, "a run after resume", |runs| completed(runs) == 1);
     assert_eq!(world.job(&job)["state"], "ACTIVE");
 }
+
+#[test]
+fn a_job_with_a_kms_key_encrypts_its_chain_and_an_unknown_key_is_refused() {
+    use rehost_importer::aws::{aws_sdk_kms, sdk_config};
+    let world = World::start();
+    world.load_disk(8 * MIB);
+    world.catalog();
+
+    let refused = world.rehost(&[
+        "jobs",
+        "create",
+        "--server",
+        VM,
+        "--run-once",
+        "--seed-time",
+        "now",
+        "--kms-key-id",
+        "alias/does-not-exist",
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "a job with an unknown key was created"
+    );
+    assert!(stderr.contains("alias/does-not-exist"), "{stderr}");
+
+    let key_arn = world.runtime.block_on(async {
+        let kms = aws_sdk_kms::Client::new(&sdk_config(&world.aws.options()).await);
+        let meta = kms.create_key().send().await.unwrap().key_metadata.unwrap();
+        kms.create_alias()
+            .alias_name("alias/migration")
+            .target_key_id(&meta.key_id)
+            .send()
+            .await
+            .unwrap();
+        meta.arn.unwrap()
+    });
+    let job = world.create_job(&[
+        "--frequency-hours",
+        "24",
+        "--seed-time",
+        "2099-01-01T00:00:00Z",
+        "--kms-key-id",
+        "alias/migration",
+    ]);
+    // In-process this time: no connector is serving the store.
+    let run = world.json_ok(&["jobs", "start", &job, "--wait", "--output", "json"]);
+    let ami = ami(&run).to_owned();
+    world.verify(&ami, &world.disk_file("v1.raw"));
+    let snapshot = world.runtime.block_on(async {
+        let image = world
+            .clients
+            .ec2
+            .describe_images()
+            .image_ids(&ami)
+            .send()
+            .await
+            .unwrap();
+        let snapshot_id = image.images()[0].block_device_mappings()[0]
+            .ebs()
+            .unwrap()
+            .snapshot_id()
+            .unwrap()
+            .to_owned();
+        let out = world
+            .clients
+            .ec2
+            .describe_snapshots()
+            .snapshot_ids(snapshot_id)
+            .send()
+            .await
+            .unwrap();
+        out.snapshots()[0].clone()
+    });
+    assert_eq!(snapshot.encrypted(), Some(true));
+    assert_eq!(snapshot.kms_key_id(), Some(key_arn.as_str()));
+}
