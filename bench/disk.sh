@@ -20,18 +20,7 @@ cargo build --release --locked -q -p rehost
 REHOST=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/rehost
 
 raw="$WORK/disk.raw"
-if [[ ! -f $raw ]]; then
-  echo "building a ${SIZE_MIB} MiB raw disk, ~50% data..." >&2
-  truncate -s "${SIZE_MIB}M" "$raw"
-  # Real file contents, not random bytes: they compress the way disks do.
-  tar cf - /usr/lib /usr/share /usr/bin 2>/dev/null | head -c $((SIZE_MIB / 2 * 1024 * 1024)) > "$WORK/payload"
-  chunks=$((SIZE_MIB / 8))
-  for ((i = 0; i < chunks; i++)); do
-    # 4 MiB of data at the start of every 8 MiB.
-    dd if="$WORK/payload" of="$raw" bs=4M skip="$i" seek=$((i * 2)) count=1 conv=notrunc status=none
-  done
-  rm -f "$WORK/payload"
-fi
+SIZE_MIB=$SIZE_MIB bench/make-disk.sh "$WORK"
 [[ -f $WORK/disk.vmdk ]] || qemu-img convert -O vmdk -o subformat=streamOptimized "$raw" "$WORK/disk.vmdk"
 [[ -f $WORK/disk.vhdx ]] || qemu-img convert -O vhdx -o subformat=dynamic "$raw" "$WORK/disk.vhdx"
 expected=$(sha256sum "$raw" | cut -d' ' -f1)

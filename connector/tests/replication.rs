@@ -290,6 +290,38 @@ test_frequency_unit_secs = {seconds}
         })
     }
 
+    /// The snapshot behind an AMI's root device.
+    fn root_snapshot(&self, ami: &str) -> String {
+        self.runtime.block_on(async {
+            let out = self
+                .clients
+                .ec2
+                .describe_images()
+                .image_ids(ami)
+                .send()
+                .await
+                .unwrap();
+            out.images()[0].block_device_mappings()[0]
+                .ebs()
+                .unwrap()
+                .snapshot_id()
+                .unwrap()
+                .to_owned()
+        })
+    }
+
+    fn snapshot_exists(&self, snapshot: &str) -> bool {
+        self.runtime.block_on(async {
+            self.clients
+                .ec2
+                .describe_snapshots()
+                .snapshot_ids(snapshot)
+                .send()
+                .await
+                .is_ok_and(|out| !out.snapshots().is_empty())
+        })
+    }
+
     fn put_block_count(&self) -> u64 {
         let stats = self.aws.stats();
         stats["requests"]["ebs:PutSnapshotBlock"]
@@ -392,6 +424,7 @@ fn on_demand_runs_go_full_then_incremental_and_keep_the_newest_ami() {
     assert!(ami1.starts_with("ami-"), "{first}");
     world.verify(&ami1, &world.disk_file("v1.raw"));
     assert_no_rehost_snapshot(&world);
+    let snapshot1 = world.root_snapshot(&ami1);
 
     // Three 512 KiB blocks change; the second run writes exactly those.
     for (offset, seed) in [(5 * MIB, 3u8), (9 * MIB + 100, 4), (20 * MIB, 5)] {
@@ -413,8 +446,15 @@ fn on_demand_runs_go_full_then_incremental_and_keep_the_newest_ami() {
     world.verify(&ami2, &world.disk_file("v2.raw"));
     assert_no_rehost_snapshot(&world);
 
-    // Keep 1: the first AMI is deregistered, its run marked DELETED.
+    // Three blocks were sent, yet the snapshot holds the whole new disk: the rest came
+    // from its parent, the first run's snapshot (the emulator keeps EBS's parent rule).
+
+    // Keep 1: the first AMI is deregistered and its snapshot deleted, its run marked DELETED.
     assert_eq!(world.amis_of(&job), vec![ami2.clone()]);
+    assert!(
+        !world.snapshot_exists(&snapshot1),
+        "{snapshot1} should be deleted"
+    );
     let runs = world.wait_runs(&job, "two runs", |runs| runs.len() == 2);
     let states: Vec<&str> = runs.iter().map(state).collect();
     assert!(

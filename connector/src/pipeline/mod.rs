@@ -81,10 +81,30 @@ pub async fn execute(ctx: &RunContext, run: &Run) -> RunEnd {
             tracing::info!(run = %run.id, error = %format!("{err:#}"), "run stopped");
             RunEnd::Stopped
         }
-        Err(err) => RunEnd::Failed {
-            kind: classify(&err),
-            message: format!("{err:#}"),
-        },
+        Err(err) => {
+            discard_staged(ctx, run).await;
+            RunEnd::Failed {
+                kind: classify(&err),
+                message: format!("{err:#}"),
+            }
+        }
+    }
+}
+
+/// After a failure: what the run staged is of no use to anyone (a retry is a new run that
+/// exports again), so its uploads are aborted and its objects deleted. Best effort: the
+/// failure is what gets reported.
+async fn discard_staged(ctx: &RunContext, run: &Run) {
+    let Ok((bucket, prefix)) = staging::run_prefix(&ctx.config.aws, &run.job_id, &run.id) else {
+        return;
+    };
+    let cleaned = async {
+        staging::abort_open_uploads(&ctx.clients, &bucket, &prefix).await?;
+        staging::delete_prefix(&ctx.clients, &bucket, &prefix).await
+    }
+    .await;
+    if let Err(err) = cleaned {
+        tracing::warn!(run = %run.id, error = %format!("{err:#}"), "could not delete what the failed run staged");
     }
 }
 
