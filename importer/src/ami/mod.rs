@@ -108,15 +108,12 @@ pub async fn root_snapshot(clients: &crate::aws::Clients, ami_id: &str) -> Resul
         .send()
         .await
         .map_err(|e| ec2_error("DescribeImages", e))?;
-    let image = images
-        .images()
-        .first()
-        .ok_or_else(|| Error::Aws {
-            operation: "DescribeImages",
-            code: Some("InvalidAMIID.NotFound".into()),
-            message: format!("AMI {ami_id} does not exist"),
-            kind: rehost_core::ErrorKind::NotFound,
-        })?;
+    let image = images.images().first().ok_or_else(|| Error::Aws {
+        operation: "DescribeImages",
+        code: Some("InvalidAMIID.NotFound".into()),
+        message: format!("AMI {ami_id} does not exist"),
+        kind: rehost_core::ErrorKind::NotFound,
+    })?;
     let root = image.root_device_name().unwrap_or(ROOT_DEVICE_NAME);
     image
         .block_device_mappings()
