@@ -5,7 +5,7 @@
 #   scripts/quickstart.sh
 #
 # It starts the vCenter emulator (vcsim, extended) and the strict AWS emulator (moto), gives
-# a VM a small bootable UEFI disk (scripts/make-boot-image.sh), writes a config for them,
+# a VM a small disk that boots Linux under UEFI (scripts/make-linux-image.sh), writes a config,
 # imports the vCenter catalog, creates a run-once replication job, runs it, and prints the
 # AMI id and the `rehost snapshot verify` result. Everything stays on 127.0.0.1; the
 # emulators are stopped on exit. REHOST_BIN picks another binary; QUICKSTART_DIR keeps the

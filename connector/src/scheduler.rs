@@ -301,7 +301,12 @@ impl Loop {
         let now = Timestamp::now();
         for id in self.running.keys() {
             if let Err(err) = self.store.with(|s| s.heartbeat(id, &self.owner, now)) {
-                tracing::warn!(run = %id, error = %format!("{err:#}"), "heartbeat not recorded");
+                // The run is no longer ours (taken over after a stall, or ended): stop
+                // working on it rather than race its new owner.
+                tracing::warn!(run = %id, error = %format!("{err:#}"), "heartbeat refused; stopping the run");
+                if let Some(running) = self.running.get(id) {
+                    let _ = running.stop.send(true);
+                }
             }
         }
     }

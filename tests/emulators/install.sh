@@ -45,6 +45,7 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-utils qemu-system-x86 >/dev/null
   else
+    apt-get update -qq
     apt-get install -y -qq --no-install-recommends qemu-system-x86 >/dev/null
   fi
 fi

@@ -142,9 +142,18 @@ async fn execute_steps(ctx: &RunContext, run: &Run) -> Result<Option<String>> {
         checkpoint.ami_id = Some(ami_id);
         save(ctx, run, &checkpoint)?;
     }
+    let ami_id = checkpoint
+        .ami_id
+        .clone()
+        .context("the run's checkpoint lost its AMI")?;
+    // From here on the run has its AMI: retention and clean-up failing must not fail it
+    // (its lineage would then point at snapshots retention may have deleted). What they
+    // leave is logged, and the next run's retention covers every AMI of the job again.
     if !checkpoint.retention_done {
         progress.stage(RunStage::Retention, 97)?;
-        retention_step(ctx, &job).await?;
+        if let Err(err) = retention_step(ctx, &job, &ami_id).await {
+            tracing::warn!(run = %run.id, error = %format!("{err:#}"), "AMI retention failed; the next run applies it again");
+        }
         checkpoint.retention_done = true;
         save(ctx, run, &checkpoint)?;
     }
@@ -156,15 +165,13 @@ async fn execute_steps(ctx: &RunContext, run: &Run) -> Result<Option<String>> {
         progress.stage(RunStage::CleanupStaged, 99)?;
         if !ctx.config.aws.keep_staged {
             // The manifest and block lists stay: the next incremental export builds on them.
-            staging::delete_objects(&ctx.clients, &staged.image_locations).await?;
+            if let Err(err) = staging::delete_objects(&ctx.clients, &staged.image_locations).await {
+                tracing::warn!(run = %run.id, error = %format!("{err:#}"), "staged images not deleted");
+            }
         }
         checkpoint.staging_done = true;
         save(ctx, run, &checkpoint)?;
     }
-    let ami_id = checkpoint
-        .ami_id
-        .clone()
-        .context("the run's checkpoint lost its AMI")?;
     let lineage = lineage_of(&job, run, &staged, &checkpoint, ctx.config.aws.keep_staged);
     ctx.store
         .with(|s| Ok(s.complete_run(&run.id, &ami_id, &lineage, Timestamp::now())?))?;
@@ -603,7 +610,7 @@ async fn register_step(
 
 /// Keeps the job's newest `number_of_recent_amis_to_keep` AMIs (0: all), deregistering
 /// the others and deleting their snapshots; their runs are marked DELETED.
-async fn retention_step(ctx: &RunContext, job: &Job) -> Result<()> {
+async fn retention_step(ctx: &RunContext, job: &Job, ami_id: &str) -> Result<()> {
     let keep = usize::try_from(job.number_of_recent_amis_to_keep).unwrap_or(usize::MAX);
     if keep == 0 {
         return Ok(());
@@ -612,10 +619,14 @@ async fn retention_step(ctx: &RunContext, job: &Job) -> Result<()> {
         key: JOB_TAG.into(),
         value: job.id.0.clone(),
     };
-    let report = ami::prune(&ctx.clients, &tag, keep, false)
+    // This run's AMI first (its run is not COMPLETED yet), then the completed runs'.
+    let runs = ctx.store.with(|s| s.amis_of_job(&job.id))?;
+    let newest: Vec<String> = std::iter::once(ami_id.to_owned())
+        .chain(runs.iter().map(|(_, ami)| ami.clone()))
+        .collect();
+    let report = ami::prune_ranked(&ctx.clients, &tag, keep, &newest, false)
         .await
         .context("applying the job's AMI retention")?;
-    let runs = ctx.store.with(|s| s.amis_of_job(&job.id))?;
     for gone in &report.plan.deregister {
         if let Some((run, _)) = runs.iter().find(|(_, ami)| *ami == gone.image_id) {
             ctx.store

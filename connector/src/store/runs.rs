@@ -337,6 +337,12 @@ impl Store {
             "UPDATE jobs SET latest_ami_id = ?2 WHERE id = ?1",
             params![job.id.0, ami_id],
         )?;
+        // The lineage is the completed run's disks, no more: a disk removed from the VM
+        // must not keep a row that makes every later run look mixed (and so full).
+        tx.execute(
+            "DELETE FROM disk_lineage WHERE job_id = ?1",
+            params![job.id.0],
+        )?;
         for disk in lineage {
             tx.execute(
                 "INSERT INTO disk_lineage (job_id, disk_key, last_change_id, last_snapshot_id,

@@ -11,7 +11,10 @@ use crate::bootinfo::{self, DiskBytes};
 use crate::{Error, Result};
 
 pub use crate::bootinfo::{Architecture, BootMode};
-pub use prune::{PruneAmi, PrunePlan, PruneReport, RetainedSnapshot, TagFilter, plan_prune, prune};
+pub use prune::{
+    PruneAmi, PrunePlan, PruneReport, RetainedSnapshot, TagFilter, plan_prune, plan_prune_ranked,
+    prune, prune_ranked,
+};
 pub use register::{AmiSpec, ROOT_DEVICE_NAME, SnapshotVolume, data_device_name, register};
 
 /// What the user asked for; `None` means "auto": read it from the image.
@@ -96,9 +99,6 @@ pub fn resolve_boot(
     Ok((boot_mode, architecture))
 }
 
-/// Maps a failed EC2 call to the importer's error, classified like every other AWS call
-/// (see [`crate::retry::classify`]). The SDK has already retried throttling and 5xx
-/// answers (standard retry mode) by the time one reaches here.
 /// The snapshot behind an AMI's root device (what `snapshot verify ami-…` reads).
 pub async fn root_snapshot(clients: &crate::aws::Clients, ami_id: &str) -> Result<String> {
     let images = clients
@@ -129,6 +129,9 @@ pub async fn root_snapshot(clients: &crate::aws::Clients, ami_id: &str) -> Resul
         })
 }
 
+/// Maps a failed EC2 call to the importer's error, classified like every other AWS call
+/// (see [`crate::retry::classify`]). The SDK has already retried throttling and 5xx
+/// answers (standard retry mode) by the time one reaches here.
 pub(crate) fn ec2_error<E>(operation: &'static str, err: SdkError<E>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,

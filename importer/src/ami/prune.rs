@@ -100,11 +100,31 @@ pub struct PruneReport {
 /// Decides, from the tagged AMIs and every AMI of the account (tagged or not), which to
 /// deregister and which of their snapshots may go: a snapshot is deleted only if no AMI
 /// left after the prune maps it.
-pub fn plan_prune(mut tagged: Vec<PruneAmi>, all: &[PruneAmi], keep: usize) -> PrunePlan {
+pub fn plan_prune(tagged: Vec<PruneAmi>, all: &[PruneAmi], keep: usize) -> PrunePlan {
+    plan_prune_ranked(tagged, all, keep, &[])
+}
+
+/// [`plan_prune`], with `newest`: AMI ids the caller knows to be the newest, newest first
+/// (the connector knows the order of its runs), ranked before every other AMI. Creation
+/// dates alone cannot order AMIs registered within the same second, and the AMI a run has
+/// just registered must never be the one pruned.
+pub fn plan_prune_ranked(
+    mut tagged: Vec<PruneAmi>,
+    all: &[PruneAmi],
+    keep: usize,
+    newest: &[String],
+) -> PrunePlan {
+    let rank = |ami: &PruneAmi| {
+        newest
+            .iter()
+            .position(|id| *id == ami.image_id)
+            .unwrap_or(usize::MAX)
+    };
     // Newest first; the id breaks ties so the plan is the same on every run.
     tagged.sort_by(|a, b| {
-        b.creation_date
-            .cmp(&a.creation_date)
+        rank(a)
+            .cmp(&rank(b))
+            .then_with(|| b.creation_date.cmp(&a.creation_date))
             .then_with(|| b.image_id.cmp(&a.image_id))
     });
     let deregister = tagged.split_off(keep.min(tagged.len()));
@@ -149,11 +169,22 @@ pub async fn prune(
     keep: usize,
     dry_run: bool,
 ) -> Result<PruneReport> {
+    prune_ranked(clients, tag, keep, &[], dry_run).await
+}
+
+/// [`prune`], with the AMIs known to be the newest first (see [`plan_prune_ranked`]).
+pub async fn prune_ranked(
+    clients: &Clients,
+    tag: &TagFilter,
+    keep: usize,
+    newest: &[String],
+    dry_run: bool,
+) -> Result<PruneReport> {
     let tagged = list_images(clients, Some(tag)).await?;
     // Every AMI of ours, so a snapshot shared with an untagged (or differently tagged)
     // AMI is never deleted from under it.
     let all = list_images(clients, None).await?;
-    let plan = plan_prune(tagged, &all, keep);
+    let plan = plan_prune_ranked(tagged, &all, keep, newest);
     if !dry_run {
         for ami in &plan.deregister {
             clients
@@ -244,6 +275,20 @@ mod tests {
 
     fn ids(amis: &[PruneAmi]) -> Vec<&str> {
         amis.iter().map(|a| a.image_id.as_str()).collect()
+    }
+
+    #[test]
+    fn amis_known_to_be_newest_outrank_creation_dates_that_tie() {
+        // Registered within the same second: the dates cannot tell them apart.
+        let same = "2026-12-07T16:00:00.000Z";
+        let tagged = vec![
+            ami("ami-b", same, &["snap-b"]),
+            ami("ami-a", same, &["snap-a"]),
+        ];
+        let plan = plan_prune_ranked(tagged.clone(), &tagged, 1, &["ami-a".to_owned()]);
+        assert_eq!(ids(&plan.keep), ["ami-a"]);
+        assert_eq!(ids(&plan.deregister), ["ami-b"]);
+        assert_eq!(plan.delete_snapshots, ["snap-b"]);
     }
 
     #[test]
