@@ -119,8 +119,9 @@ struct Loop {
 struct RunningRun {
     job: JobId,
     stop: watch::Sender<bool>,
-    /// The job is being deleted: a stop is a cancellation, not a shutdown.
-    cancelled: bool,
+    /// The job is being deleted: a stop is a cancellation, not a shutdown (shared with the
+    /// run's task, which then discards what the run staged).
+    cancelled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Loop {
@@ -272,6 +273,7 @@ impl Loop {
     async fn spawn(&mut self, run: Run) -> Result<()> {
         let clients = self.clients().await;
         let (stop_tx, stop_rx) = watch::channel(false);
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ctx = RunContext {
             config: self.config.clone(),
             store: self.store.clone(),
@@ -284,13 +286,17 @@ impl Loop {
             RunningRun {
                 job: run.job_id.clone(),
                 stop: stop_tx,
-                cancelled: false,
+                cancelled: cancelled.clone(),
             },
         );
         tracing::info!(run = %run.id, job = %run.job_id, attempt = run.attempt, "run started");
         let id = run.id.clone();
         let task = self.tasks.spawn(async move {
             let end = pipeline::execute(&ctx, &run).await;
+            if end == RunEnd::Stopped && cancelled.load(std::sync::atomic::Ordering::Relaxed) {
+                // Cancelled for good: nothing will resume it.
+                pipeline::discard_staged(&ctx, &run).await;
+            }
             (run.id, end)
         });
         self.task_runs.insert(task.id(), id);
@@ -333,7 +339,10 @@ impl Loop {
                 )
             }
         };
-        let cancelled = self.running.remove(&id).is_some_and(|r| r.cancelled);
+        let cancelled = self
+            .running
+            .remove(&id)
+            .is_some_and(|r| r.cancelled.load(std::sync::atomic::Ordering::Relaxed));
         record_end(&self.store, &self.policy, &id, end, cancelled);
         self.wake.notify_one();
     }
@@ -347,7 +356,9 @@ impl Loop {
     ) -> Result<()> {
         if has_open_run {
             for running in self.running.values_mut().filter(|r| r.job == job.id) {
-                running.cancelled = true;
+                running
+                    .cancelled
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 let _ = running.stop.send(true);
             }
             return Ok(());

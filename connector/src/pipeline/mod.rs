@@ -91,19 +91,14 @@ pub async fn execute(ctx: &RunContext, run: &Run) -> RunEnd {
     }
 }
 
-/// After a failure: what the run staged is of no use to anyone (a retry is a new run that
-/// exports again), so its uploads are aborted and its objects deleted. Best effort: the
-/// failure is what gets reported.
-async fn discard_staged(ctx: &RunContext, run: &Run) {
+/// After a failure or a cancellation: what the run staged is of no use to anyone (a retry
+/// is a new run that exports again), so its uploads are aborted and its objects deleted.
+/// Best effort: the failure is what gets reported.
+pub async fn discard_staged(ctx: &RunContext, run: &Run) {
     let Ok((bucket, prefix)) = staging::run_prefix(&ctx.config.aws, &run.job_id, &run.id) else {
         return;
     };
-    let cleaned = async {
-        staging::abort_open_uploads(&ctx.clients, &bucket, &prefix).await?;
-        staging::delete_prefix(&ctx.clients, &bucket, &prefix).await
-    }
-    .await;
-    if let Err(err) = cleaned {
+    if let Err(err) = staging::clear_run(&ctx.clients, &bucket, &prefix).await {
         tracing::warn!(run = %run.id, error = %format!("{err:#}"), "could not delete what the failed run staged");
     }
 }
@@ -203,8 +198,7 @@ async fn export_step(
         // An earlier attempt of this run that was killed may have left its snapshot on
         // the VM and its uploads open: both go before the export is taken again.
         remove_leftover_snapshots(ctx, &client, &job.source, &purpose).await?;
-        staging::abort_open_uploads(&ctx.clients, &bucket, &prefix).await?;
-        staging::delete_prefix(&ctx.clients, &bucket, &prefix).await?;
+        staging::clear_run(&ctx.clients, &bucket, &prefix).await?;
 
         let lineage = ctx.store.with(|s| s.lineage(&job.id))?;
         let base = incremental_base(&lineage, job);

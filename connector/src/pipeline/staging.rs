@@ -67,6 +67,12 @@ pub async fn abort_open_uploads(clients: &Clients, bucket: &str, prefix: &str) -
     }
 }
 
+/// Empties a run's staging folder: its open uploads aborted, its objects deleted.
+pub async fn clear_run(clients: &Clients, bucket: &str, prefix: &str) -> Result<()> {
+    abort_open_uploads(clients, bucket, prefix).await?;
+    delete_prefix(clients, bucket, prefix).await
+}
+
 /// Deletes every object under `prefix` (what an interrupted attempt of a run wrote).
 pub async fn delete_prefix(clients: &Clients, bucket: &str, prefix: &str) -> Result<()> {
     let mut pages = clients
