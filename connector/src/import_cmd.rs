@@ -16,7 +16,6 @@ use rehost_importer::ebs::uploader::Encryption;
 use rehost_importer::import::{
     DryRunReport, ImportOptions, ImportReport, ImportStatus, ProgressCallback, dry_run, import,
 };
-use rehost_importer::kms::KeyResolver;
 
 use crate::aws_args::{self, AwsArgs};
 use crate::output::{OutputMode, print_json};
@@ -180,21 +179,13 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
 /// else) and checked to be usable, so a wrong or disabled key stops the import before it
 /// starts a snapshot.
 async fn encryption(args: &ImportArgs) -> Result<Encryption> {
-    let Some(key) = &args.kms_key_id else {
-        return Ok(if args.encrypted {
-            Encryption::Encrypted { kms_key_arn: None }
-        } else {
-            Encryption::Default
-        });
-    };
-    let resolver = KeyResolver::load(&args.aws.options()).await;
-    let resolved = resolver
-        .resolve(key)
-        .await
-        .context("resolving --kms-key-id")?;
-    Ok(Encryption::Encrypted {
-        kms_key_arn: Some(resolved.arn),
-    })
+    rehost_importer::kms::encryption(
+        &args.aws.options(),
+        args.encrypted,
+        args.kms_key_id.as_deref(),
+    )
+    .await
+    .context("resolving --kms-key-id")
 }
 
 /// `--dry-run`: the import's read → plan → checksum pipeline, nothing sent.

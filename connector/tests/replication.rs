@@ -188,6 +188,19 @@ test_frequency_unit_secs = {seconds}
         job_id(&job)
     }
 
+    /// A job whose schedule never comes due in a test (seeded in 2099): its runs are the
+    /// on-demand ones the test starts.
+    fn create_on_demand_job(&self, extra: &[&str]) -> String {
+        let mut args = vec![
+            "--frequency-hours",
+            "24",
+            "--seed-time",
+            "2099-01-01T00:00:00Z",
+        ];
+        args.extend_from_slice(extra);
+        self.create_job(&args)
+    }
+
     /// `rehost serve`, started and its API address read.
     fn serve(&self) -> Serve {
         // Owned by `Serve` at once, whose Drop kills and waits for it on every path.
@@ -406,14 +419,7 @@ fn on_demand_runs_go_full_then_incremental_and_keep_the_newest_ami() {
     let world = World::start();
     world.load_disk(32 * MIB);
     world.catalog();
-    let job = world.create_job(&[
-        "--frequency-hours",
-        "24",
-        "--seed-time",
-        "2099-01-01T00:00:00Z",
-        "--keep-amis",
-        "1",
-    ]);
+    let job = world.create_on_demand_job(&["--keep-amis", "1"]);
     let serve = world.serve();
 
     // The first run: a full export, a new snapshot chain, an AMI that holds the disk.
@@ -515,12 +521,7 @@ fn a_connector_killed_mid_run_resumes_it_and_leaves_nothing_behind() {
     let world = World::start();
     world.load_disk(32 * MIB);
     world.catalog();
-    let job = world.create_job(&[
-        "--frequency-hours",
-        "24",
-        "--seed-time",
-        "2099-01-01T00:00:00Z",
-    ]);
+    let job = world.create_on_demand_job(&[]);
 
     // Killed while the export reads the disk (reads slowed down): the snapshot is on the VM.
     world
@@ -588,12 +589,7 @@ fn a_failing_source_pauses_the_job_until_resumed() {
     });
     world.load_disk(8 * MIB);
     world.catalog();
-    let job = world.create_job(&[
-        "--frequency-hours",
-        "24",
-        "--seed-time",
-        "2099-01-01T00:00:00Z",
-    ]);
+    let job = world.create_on_demand_job(&[]);
     world
         .vc
         .fail_soap("CreateSnapshot_Task", "SystemError", 100)
@@ -656,14 +652,7 @@ fn a_job_with_a_kms_key_encrypts_its_chain_and_an_unknown_key_is_refused() {
             .unwrap();
         meta.arn.unwrap()
     });
-    let job = world.create_job(&[
-        "--frequency-hours",
-        "24",
-        "--seed-time",
-        "2099-01-01T00:00:00Z",
-        "--kms-key-id",
-        "alias/migration",
-    ]);
+    let job = world.create_on_demand_job(&["--kms-key-id", "alias/migration"]);
     // In-process this time: no connector is serving the store.
     let run = world.json_ok(&["jobs", "start", &job, "--wait", "--output", "json"]);
     let ami = ami(&run).to_owned();

@@ -294,6 +294,15 @@ mod tests {
         })
     }
 
+    /// The disk's map over its first `sectors` sectors: (first sector, kind) per extent.
+    fn sector_kinds(disk: &Disk, sectors: u64) -> Vec<(u64, ExtentKind)> {
+        disk.map_range(0, sectors * 512)
+            .unwrap()
+            .iter()
+            .map(|e| (e.offset / 512, e.kind))
+            .collect()
+    }
+
     #[test]
     fn chain_takes_each_sector_from_the_nearest_layer() {
         let disk = Disk {
@@ -309,12 +318,7 @@ mod tests {
         let sectors: Vec<u8> = buf.chunks(512).map(|s| s[0]).collect();
         // sector 3: parent unallocated -> grandparent data; sector 4: beyond parent's size.
         assert_eq!(sectors, vec![1, 2, 0, 3, 0]);
-        let kinds: Vec<_> = disk
-            .map_range(0, 5 * 512)
-            .unwrap()
-            .iter()
-            .map(|e| (e.offset / 512, e.kind))
-            .collect();
+        let kinds = sector_kinds(&disk, 5);
         assert_eq!(
             kinds,
             vec![
@@ -337,12 +341,7 @@ mod tests {
             paths: vec!["c".into()],
         };
         assert!(disk.top().info().parent.is_some());
-        let kinds: Vec<_> = disk
-            .map_range(0, 5 * 512)
-            .unwrap()
-            .iter()
-            .map(|e| (e.offset / 512, e.kind))
-            .collect();
+        let kinds = sector_kinds(&disk, 5);
         assert_eq!(
             kinds,
             vec![

@@ -309,6 +309,28 @@ fn check_usable(
     Ok(())
 }
 
+/// The encryption a first snapshot asks for: none unless `encrypted` or a key is named;
+/// a named key (id, alias or ARN) resolved to its ARN and checked usable first, since
+/// StartSnapshot takes only an ARN and a wrong key must stop an import before it starts.
+pub async fn encryption(
+    options: &AwsOptions,
+    encrypted: bool,
+    kms_key_id: Option<&str>,
+) -> Result<crate::ebs::uploader::Encryption, KmsError> {
+    use crate::ebs::uploader::Encryption;
+    let Some(key) = kms_key_id else {
+        return Ok(if encrypted {
+            Encryption::Encrypted { kms_key_arn: None }
+        } else {
+            Encryption::Default
+        });
+    };
+    let resolved = KeyResolver::load(options).await.resolve(key).await?;
+    Ok(Encryption::Encrypted {
+        kms_key_arn: Some(resolved.arn),
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

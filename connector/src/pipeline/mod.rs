@@ -24,9 +24,7 @@ use rehost_diskimage::Disk;
 use rehost_importer::ami::{self, AmiSpec, BootRequest, SnapshotVolume, TagFilter};
 use rehost_importer::aws::Clients;
 use rehost_importer::ebs::journal::{JournalLocation, SourceIdentity};
-use rehost_importer::ebs::uploader::Encryption;
 use rehost_importer::import::{ImportOptions, ImportStatus, ProgressCallback};
-use rehost_importer::kms::KeyResolver;
 use rehost_importer::s3::{S3Fs, S3Url};
 use tokio::sync::watch;
 
@@ -377,20 +375,15 @@ async fn import_step(
     options
         .tags
         .push(("rehost:disk-key".into(), key.to_owned()));
-    if parent_snapshot_id.is_none() && (job.encrypted || job.kms_key_id.is_some()) {
-        options.encryption = Encryption::Encrypted {
-            kms_key_arn: match &job.kms_key_id {
-                Some(key) => Some(
-                    KeyResolver::load(&ctx.config.aws_options())
-                        .await
-                        .resolve(key)
-                        .await
-                        .with_context(|| format!("resolving the job's KMS key {key}"))?
-                        .arn,
-                ),
-                None => None,
-            },
-        };
+    // Only a chain's first snapshot asks: children inherit their parent's encryption.
+    if parent_snapshot_id.is_none() {
+        options.encryption = rehost_importer::kms::encryption(
+            &ctx.config.aws_options(),
+            job.encrypted,
+            job.kms_key_id.as_deref(),
+        )
+        .await
+        .context("resolving the job's KMS key")?;
     }
     let cancel = Arc::new(AtomicBool::new(false));
     options.cancel = Some(cancel.clone());
