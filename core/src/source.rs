@@ -130,6 +130,10 @@ pub struct DiskRead<E> {
     pub token: ChangeToken,
     /// Bytes of data the stream will carry (the changed or allocated areas), for progress.
     pub data_bytes: u64,
+    /// The areas `(offset, len)` the stream will carry as `Data` or `Zero`, in order, when
+    /// the source knows them before reading: writers that lay out their blocks before the
+    /// data (a dynamic VHD written forward-only) need them.
+    pub planned: Option<Vec<(u64, u64)>>,
     pub extents: ExtentStream<E>,
 }
 

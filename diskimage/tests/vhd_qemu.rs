@@ -331,3 +331,100 @@ fn blocks_qemu_io_allocates_out_of_order_decode_like_qemu() {
     assert_eq!(probe, [0x22; 4], "a write across a block boundary");
     assert!(check_map_against_bytes(&disk) > 0);
 }
+
+/// The extents of `bytes` in 1 MiB pieces: the pieces in `areas` as data (or zeros, when
+/// `zero` says so), the rest unchanged; as a source with a change map hands them out.
+fn planned_extents(
+    bytes: &[u8],
+    areas: &[(u64, u64)],
+    zero: &dyn Fn(u64) -> bool,
+) -> Vec<rehost_diskimage::Extent> {
+    use rehost_diskimage::Extent;
+    let mib = 1u64 << 20;
+    let mut out = Vec::new();
+    for offset in (0..bytes.len() as u64).step_by(mib as usize) {
+        let len = mib.min(bytes.len() as u64 - offset);
+        let planned = areas.iter().any(|&(o, l)| offset >= o && offset < o + l);
+        out.push(if !planned {
+            Extent::Unchanged { offset, len }
+        } else if zero(offset) {
+            Extent::Zero { offset, len }
+        } else {
+            let range = offset as usize..(offset + len) as usize;
+            Extent::Data {
+                offset,
+                data: bytes::Bytes::copy_from_slice(&bytes[range]),
+            }
+        });
+    }
+    out
+}
+
+#[test]
+fn forward_only_vhds_read_as_their_disk_in_qemu_and_in_a_chain() {
+    use rehost_diskimage::ExtentSink;
+    use rehost_diskimage::vhd::VhdStreamWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let mib = 1u64 << 20;
+    let size = 12 * mib;
+    let raw = sparse_pattern_raw(dir.path(), "base.raw", size, 99);
+    let base_bytes = std::fs::read(&raw).unwrap();
+    // Every MiB but the 3rd and 4th (zeroed by sparse_pattern_raw) and the last four.
+    let base_areas = [(0, 2 * mib), (4 * mib, 4 * mib)];
+    let mut expected = base_bytes.clone();
+    expected[8 * mib as usize..].fill(0);
+    std::fs::write(&raw, &expected).unwrap();
+
+    // A full image, written to a plain `Write` (a Vec, as an upload would be).
+    let mut out = Vec::new();
+    let mut writer: Box<dyn ExtentSink + '_> = Box::new(
+        VhdStreamWriter::new(&mut out, size, None, &base_areas, "base.vhd".into()).unwrap(),
+    );
+    for e in planned_extents(&expected, &base_areas, &|_| false) {
+        writer.put(e).unwrap();
+    }
+    writer.finish().unwrap();
+    let base_vhd = dir.path().join("base.vhd");
+    std::fs::write(&base_vhd, &out).unwrap();
+    // qemu-img check has no VHD checker; its reader opening the image and comparing it
+    // byte for byte with the disk is the check.
+    assert_eq!(qemu_virtual_size(&base_vhd), size);
+    let (ok, text) = common::qemu_img_status(&[
+        "compare",
+        "-f",
+        "vpc",
+        "-F",
+        "raw",
+        base_vhd.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    assert!(ok && text.contains("identical"), "{text}");
+
+    // A differencing child: one MiB rewritten, one cleared over base data, one new.
+    let mut child_bytes = expected.clone();
+    child_bytes[mib as usize..2 * mib as usize].fill(0x42);
+    child_bytes[5 * mib as usize..6 * mib as usize].fill(0);
+    child_bytes[10 * mib as usize..11 * mib as usize].fill(0x17);
+    let child_areas = [(mib, mib), (5 * mib, mib), (10 * mib, mib)];
+    let parent = Disk::open(base_vhd.to_str().unwrap()).unwrap();
+    let child_vhd = dir.path().join("child.vhd");
+    let link = parent_link(&child_vhd, &base_vhd, &parent).unwrap();
+    let mut out = Vec::new();
+    let mut writer: Box<dyn ExtentSink + '_> = Box::new(
+        VhdStreamWriter::new(&mut out, size, Some(link), &child_areas, "child.vhd".into()).unwrap(),
+    );
+    for e in planned_extents(&child_bytes, &child_areas, &|o| o == 5 * mib) {
+        writer.put(e).unwrap();
+    }
+    writer.finish().unwrap();
+    std::fs::write(&child_vhd, &out).unwrap();
+    let chain = Disk::open(child_vhd.to_str().unwrap()).unwrap();
+    assert_eq!(chain.layers().len(), 2);
+    let mut read = vec![0u8; size as usize];
+    chain.read_at(&mut read, 0).unwrap();
+    assert!(
+        read == child_bytes,
+        "the chain does not read as the child disk"
+    );
+    check_map_against_bytes(&chain);
+}

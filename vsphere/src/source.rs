@@ -119,6 +119,7 @@ impl VsphereSource {
             capacity_bytes: capacity,
             token: ChangeToken(token),
             data_bytes,
+            planned: Some(areas.clone()),
             extents: Box::pin(extents),
         })
     }

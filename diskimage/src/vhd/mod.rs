@@ -9,6 +9,7 @@ mod dynamic_header;
 mod footer;
 mod locator;
 mod reader;
+mod stream_writer;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -16,6 +17,7 @@ mod writer;
 use crate::sink::ParentLink;
 
 pub use reader::{VhdLayer, open};
+pub use stream_writer::VhdStreamWriter;
 pub use writer::VhdWriter;
 
 /// Which VHD to write.

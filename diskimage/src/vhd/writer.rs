@@ -28,9 +28,9 @@ pub const CREATOR_APP: &[u8; 4] = b"rhst";
 
 const SECTOR: u64 = 512;
 /// Where the dynamic header goes: right after the footer copy.
-const HEADER_AT: u64 = FOOTER_SIZE as u64;
+pub(super) const HEADER_AT: u64 = FOOTER_SIZE as u64;
 /// Where the BAT goes: right after the header.
-const BAT_AT: u64 = HEADER_AT + HEADER_SIZE as u64;
+pub(super) const BAT_AT: u64 = HEADER_AT + HEADER_SIZE as u64;
 /// Largest piece of a fixed disk's data checked for zeros at once: zero runs this long
 /// are left as holes.
 const FIXED_ZERO_CHECK: usize = 64 << 10;
@@ -49,13 +49,13 @@ pub struct VhdWriter<W: Write + Seek> {
 
 /// The state of a dynamic or differencing disk being written.
 #[derive(Debug)]
-struct SparseState {
-    header: DynamicHeader,
+pub(super) struct SparseState {
+    pub(super) header: DynamicHeader,
     /// Parent locator paths, in the same order as `header.locators`.
-    locator_data: Vec<Vec<u8>>,
-    bat: Vec<u32>,
+    pub(super) locator_data: Vec<Vec<u8>>,
+    pub(super) bat: Vec<u32>,
     /// Where the next block goes.
-    next_free: u64,
+    pub(super) next_free: u64,
     /// Differencing: the block being written and its bitmap (bits set for the sectors
     /// written, Data or Zero), flushed when the stream leaves the block.
     delta: Option<(u64, Vec<u8>)>,
@@ -223,7 +223,7 @@ impl<W: Write + Seek> VhdWriter<W> {
 }
 
 impl SparseState {
-    fn new(name: &str, virtual_size: u64, link: Option<&ParentLink>) -> Result<Self> {
+    pub(super) fn new(name: &str, virtual_size: u64, link: Option<&ParentLink>) -> Result<Self> {
         if virtual_size > MAX_SPARSE_DISK_BYTES {
             return Err(Error::InvalidInput(format!(
                 "{name}: a dynamic VHD holds at most {MAX_SPARSE_DISK_BYTES} bytes, not {virtual_size}"
@@ -322,7 +322,7 @@ fn parent_name_field(name: &str, relative_path: &str) -> Result<[u8; PARENT_NAME
 /// A random version-4 UUID for the footer. No UUID crate is needed: std's `RandomState`
 /// is seeded from the OS per process, and mixing in the time and a counter makes ids of
 /// one process distinct.
-fn new_unique_id() -> [u8; 16] {
+pub(super) fn new_unique_id() -> [u8; 16] {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
