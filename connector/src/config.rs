@@ -179,12 +179,14 @@ impl SchedulerConfig {
 #[serde(rename_all = "lowercase")]
 pub enum SourceKind {
     Vsphere,
+    Azure,
 }
 
 impl fmt::Display for SourceKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SourceKind::Vsphere => f.write_str("vsphere"),
+            SourceKind::Azure => f.write_str("azure"),
         }
     }
 }
@@ -197,7 +199,9 @@ pub struct SourceConfig {
     pub name: String,
     pub kind: SourceKind,
     /// vSphere: `https://vcenter.example.com/sdk`.
+    #[serde(default)]
     pub url: String,
+    #[serde(default)]
     pub username: String,
     /// Environment variable holding the password.
     pub password_env: Option<String>,
@@ -213,7 +217,35 @@ pub struct SourceConfig {
     /// Skip certificate verification entirely (never in production).
     #[serde(default)]
     pub insecure: bool,
+    /// Azure: the directory (tenant) id.
+    pub tenant_id: Option<String>,
+    /// Azure: the application (client) id; with `managed_identity`, a user-assigned one.
+    pub client_id: Option<String>,
+    /// Azure: environment variable holding the client secret.
+    pub client_secret_env: Option<String>,
+    /// Azure: file holding the client secret; relative to the config file.
+    pub client_secret_file: Option<PathBuf>,
+    /// Refused with an explanation, like `password`.
+    #[serde(default)]
+    client_secret: Option<toml::Value>,
+    /// Azure: use the managed identity of the VM the connector runs on.
+    #[serde(default)]
+    pub managed_identity: bool,
+    /// Azure: the subscription holding the VMs.
+    pub subscription_id: Option<String>,
+    /// Azure: only these resource groups (all of the subscription's when empty).
+    #[serde(default)]
+    pub resource_groups: Vec<String>,
+    /// Azure: Entra ID's endpoint (other clouds and tests override it).
+    pub authority_url: Option<String>,
+    /// Azure: Resource Manager's endpoint.
+    pub resource_manager_url: Option<String>,
+    /// Azure: the instance metadata service, for `managed_identity` (tests override it).
+    pub imds_url: Option<String>,
 }
+
+/// Azure's public-cloud Resource Manager endpoint.
+pub const DEFAULT_RESOURCE_MANAGER_URL: &str = "https://management.azure.com";
 
 impl fmt::Debug for SourceConfig {
     // Written by hand so a password that slipped into the file is never printed.
@@ -228,6 +260,15 @@ impl fmt::Debug for SourceConfig {
             .field("ca_file", &self.ca_file)
             .field("thumbprint", &self.thumbprint)
             .field("insecure", &self.insecure)
+            .field("tenant_id", &self.tenant_id)
+            .field("client_id", &self.client_id)
+            .field("client_secret_env", &self.client_secret_env)
+            .field("client_secret_file", &self.client_secret_file)
+            .field("managed_identity", &self.managed_identity)
+            .field("subscription_id", &self.subscription_id)
+            .field("resource_groups", &self.resource_groups)
+            .field("authority_url", &self.authority_url)
+            .field("resource_manager_url", &self.resource_manager_url)
             .finish()
     }
 }
@@ -318,34 +359,9 @@ impl Config {
             if !seen.insert(source.name.as_str()) {
                 bail!("{at}: a second source with the same name");
             }
-            if source.password.is_some() {
-                bail!(
-                    "{at}: `password` must not be written in the config file; put it in an environment variable named by `password_env`, or a file named by `password_file`"
-                );
-            }
-            match (&source.password_env, &source.password_file) {
-                (None, None) => bail!("{at}: set `password_env` or `password_file`"),
-                (Some(_), Some(_)) => {
-                    bail!("{at}: set only one of `password_env` and `password_file`")
-                }
-                _ => {}
-            }
-            if !(source.url.starts_with("https://") || source.url.starts_with("http://")) {
-                bail!("{at}: `url` must be an https:// URL, got {:?}", source.url);
-            }
-            let tls_choices = usize::from(source.ca_file.is_some())
-                + usize::from(source.thumbprint.is_some())
-                + usize::from(source.insecure);
-            if tls_choices > 1 {
-                bail!("{at}: set at most one of `ca_file`, `thumbprint` and `insecure = true`");
-            }
-            if let Some(thumbprint) = &source.thumbprint {
-                let hex: String = thumbprint.chars().filter(|c| *c != ':').collect();
-                if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-                    bail!(
-                        "{at}: `thumbprint` must be a SHA-256 (64 hex digits, colons optional), got {thumbprint:?}"
-                    );
-                }
+            match source.kind {
+                SourceKind::Vsphere => source.validate_vsphere(&at)?,
+                SourceKind::Azure => source.validate_azure(&at)?,
             }
         }
         Ok(())
@@ -427,6 +443,178 @@ fn check_token(token: String, from: &str) -> Result<String> {
         );
     }
     Ok(token)
+}
+
+impl SourceConfig {
+    fn validate_vsphere(&self, at: &str) -> Result<()> {
+        if self.password.is_some() {
+            bail!(
+                "{at}: `password` must not be written in the config file; put it in an environment variable named by `password_env`, or a file named by `password_file`"
+            );
+        }
+        match (&self.password_env, &self.password_file) {
+            (None, None) => bail!("{at}: set `password_env` or `password_file`"),
+            (Some(_), Some(_)) => {
+                bail!("{at}: set only one of `password_env` and `password_file`")
+            }
+            _ => {}
+        }
+        if !(self.url.starts_with("https://") || self.url.starts_with("http://")) {
+            bail!("{at}: `url` must be an https:// URL, got {:?}", self.url);
+        }
+        if self.username.trim().is_empty() {
+            bail!("{at}: set `username`");
+        }
+        let tls_choices = usize::from(self.ca_file.is_some())
+            + usize::from(self.thumbprint.is_some())
+            + usize::from(self.insecure);
+        if tls_choices > 1 {
+            bail!("{at}: set at most one of `ca_file`, `thumbprint` and `insecure = true`");
+        }
+        if let Some(thumbprint) = &self.thumbprint {
+            let hex: String = thumbprint.chars().filter(|c| *c != ':').collect();
+            if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                bail!(
+                    "{at}: `thumbprint` must be a SHA-256 (64 hex digits, colons optional), got {thumbprint:?}"
+                );
+            }
+        }
+        self.refuse_fields(
+            at,
+            &[
+                ("tenant_id", self.tenant_id.is_some()),
+                ("client_id", self.client_id.is_some()),
+                ("client_secret_env", self.client_secret_env.is_some()),
+                ("client_secret_file", self.client_secret_file.is_some()),
+                ("managed_identity", self.managed_identity),
+                ("subscription_id", self.subscription_id.is_some()),
+                ("resource_groups", !self.resource_groups.is_empty()),
+                ("authority_url", self.authority_url.is_some()),
+                ("resource_manager_url", self.resource_manager_url.is_some()),
+                ("imds_url", self.imds_url.is_some()),
+            ],
+        )
+    }
+
+    fn validate_azure(&self, at: &str) -> Result<()> {
+        if self.client_secret.is_some() {
+            bail!(
+                "{at}: `client_secret` must not be written in the config file; put it in an environment variable named by `client_secret_env`, or a file named by `client_secret_file`"
+            );
+        }
+        self.refuse_fields(
+            at,
+            &[
+                ("url", !self.url.is_empty()),
+                ("username", !self.username.is_empty()),
+                ("password_env", self.password_env.is_some()),
+                ("password_file", self.password_file.is_some()),
+                ("password", self.password.is_some()),
+                ("thumbprint", self.thumbprint.is_some()),
+                ("insecure", self.insecure),
+            ],
+        )?;
+        let subscription = self.subscription_id.as_deref().unwrap_or("");
+        if subscription.trim().is_empty() {
+            bail!("{at}: set `subscription_id`");
+        }
+        let secrets = usize::from(self.client_secret_env.is_some())
+            + usize::from(self.client_secret_file.is_some())
+            + usize::from(self.managed_identity);
+        match secrets {
+            0 => bail!(
+                "{at}: set `client_secret_env`, `client_secret_file` or `managed_identity = true`"
+            ),
+            1 => {}
+            _ => bail!(
+                "{at}: set only one of `client_secret_env`, `client_secret_file` and `managed_identity = true`"
+            ),
+        }
+        if !self.managed_identity {
+            for (field, value) in [
+                ("tenant_id", &self.tenant_id),
+                ("client_id", &self.client_id),
+            ] {
+                if value.as_deref().is_none_or(|v| v.trim().is_empty()) {
+                    bail!("{at}: set `{field}` (or use `managed_identity = true`)");
+                }
+            }
+        }
+        for (field, value) in [
+            ("authority_url", &self.authority_url),
+            ("resource_manager_url", &self.resource_manager_url),
+            ("imds_url", &self.imds_url),
+        ] {
+            if let Some(url) = value
+                && !(url.starts_with("https://") || url.starts_with("http://"))
+            {
+                bail!("{at}: `{field}` must be an https:// URL, got {url:?}");
+            }
+        }
+        Ok(())
+    }
+
+    fn refuse_fields(&self, at: &str, fields: &[(&str, bool)]) -> Result<()> {
+        let set: Vec<&str> = fields
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(f, _)| *f)
+            .collect();
+        if !set.is_empty() {
+            let verb = if set.len() == 1 { "is" } else { "are" };
+            bail!(
+                "{at}: {} {verb} not used by a source of kind {}; remove it",
+                set.iter()
+                    .map(|f| format!("`{f}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.kind
+            );
+        }
+        Ok(())
+    }
+
+    /// Where the source is, for manifests and messages.
+    pub fn endpoint(&self) -> String {
+        match self.kind {
+            SourceKind::Vsphere => self.url.clone(),
+            SourceKind::Azure => format!(
+                "{}/subscriptions/{}",
+                self.resource_manager_url
+                    .as_deref()
+                    .unwrap_or(DEFAULT_RESOURCE_MANAGER_URL)
+                    .trim_end_matches('/'),
+                self.subscription_id.as_deref().unwrap_or("")
+            ),
+        }
+    }
+
+    /// Reads the Azure client secret from where the config points (never printed).
+    pub fn client_secret(&self, config: &Config) -> Result<String> {
+        if let Some(var) = &self.client_secret_env {
+            return std::env::var(var).with_context(|| {
+                format!(
+                    "source {:?}: environment variable {var} (its client_secret_env) is not set",
+                    self.name
+                )
+            });
+        }
+        if let Some(file) = &self.client_secret_file {
+            let path = config.resolve(file);
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "source {:?}: reading its client_secret_file {}",
+                    self.name,
+                    path.display()
+                )
+            })?;
+            return Ok(text.trim_end_matches(['\r', '\n']).to_owned());
+        }
+        bail!(
+            "source {:?}: no client_secret_env or client_secret_file",
+            self.name
+        )
+    }
 }
 
 impl SourceConfig {
@@ -533,6 +721,84 @@ mod tests {
             let err = format!("{:#}", Config::parse(&GOOD.replace(from, to)).unwrap_err());
             assert!(err.contains(expected), "{from} -> {to}: {err}");
         }
+    }
+
+    const AZURE: &str = r#"
+        [[sources]]
+        name = "az1"
+        kind = "azure"
+        tenant_id = "00000000-0000-0000-0000-0000000000aa"
+        client_id = "11111111-1111-1111-1111-111111111111"
+        client_secret_env = "REHOST_TEST_AZ1_SECRET"
+        subscription_id = "22222222-2222-2222-2222-222222222222"
+        resource_groups = ["prod-rg"]
+        authority_url = "http://127.0.0.1:1"
+        resource_manager_url = "http://127.0.0.1:1"
+    "#;
+
+    #[test]
+    fn an_azure_source_parses() {
+        let config = Config::parse(AZURE).unwrap();
+        let source = config.source("az1").unwrap();
+        assert_eq!(source.kind, SourceKind::Azure);
+        assert_eq!(source.resource_groups, ["prod-rg"]);
+        assert_eq!(
+            source.endpoint(),
+            "http://127.0.0.1:1/subscriptions/22222222-2222-2222-2222-222222222222"
+        );
+        let managed = AZURE.replace(
+            "client_secret_env = \"REHOST_TEST_AZ1_SECRET\"",
+            "managed_identity = true",
+        );
+        assert!(Config::parse(&managed).is_ok());
+    }
+
+    #[test]
+    fn azure_mistakes_are_named() {
+        for (from, to, expected) in [
+            (
+                "client_secret_env = \"REHOST_TEST_AZ1_SECRET\"",
+                "client_secret = \"hunter2\"",
+                "must not be written in the config file",
+            ),
+            (
+                "client_secret_env = \"REHOST_TEST_AZ1_SECRET\"",
+                "",
+                "set `client_secret_env`, `client_secret_file` or `managed_identity = true`",
+            ),
+            (
+                "client_secret_env",
+                "managed_identity = true\nclient_secret_env",
+                "only one of",
+            ),
+            (
+                "subscription_id = \"2",
+                "subscription_id = \"\"\n#",
+                "set `subscription_id`",
+            ),
+            ("tenant_id = \"0", "#", "set `tenant_id`"),
+            (
+                "kind = \"azure\"",
+                "kind = \"azure\"\nusername = \"u\"",
+                "`username` is not used by a source of kind azure",
+            ),
+            (
+                "authority_url = \"http",
+                "authority_url = \"ftp",
+                "https:// URL",
+            ),
+        ] {
+            let text = AZURE.replace(from, to);
+            let err = format!("{:#}", Config::parse(&text).unwrap_err());
+            assert!(err.contains(expected), "{from} -> {to}: {err}");
+        }
+        // A vSphere source refuses Azure's fields.
+        let err = format!(
+            "{:#}",
+            Config::parse(&GOOD.replace("username", "subscription_id = \"s\"\nusername"))
+                .unwrap_err()
+        );
+        assert!(err.contains("`subscription_id`"), "{err}");
     }
 
     #[test]

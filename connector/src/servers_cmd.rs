@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
@@ -108,10 +108,21 @@ pub async fn import_source_catalog(
     source: &SourceConfig,
     store: &SharedStore,
 ) -> Result<ImportReport> {
-    let client = crate::sources::connect_vsphere(config, source).await?;
-    let vms = client.list_vms().await;
-    let _ = client.logout().await;
-    let vms = vms?;
+    let vms = match crate::sources::connect(config, source).await? {
+        crate::sources::Connected::Vsphere(client) => {
+            let vms = client.list_vms().await;
+            let _ = client.logout().await;
+            vms?
+        }
+        crate::sources::Connected::Azure(azure) => azure
+            .client()
+            .list_vms()
+            .await
+            .with_context(|| format!("source {:?}", source.name))?
+            .into_iter()
+            .map(|vm| vm.info)
+            .collect(),
+    };
     let report = ImportReport {
         source: source.name.clone(),
         servers: vms.len(),
@@ -123,7 +134,7 @@ pub async fn import_source_catalog(
     let (name, kind, url) = (
         source.name.clone(),
         source.kind.to_string(),
-        source.url.clone(),
+        source.endpoint(),
     );
     let store = store.clone();
     // SQLite blocks; keep it off the async workers.
@@ -312,6 +323,9 @@ fn yes(b: bool) -> &'static str {
 }
 
 async fn check_source(config: &Config, source: &crate::config::SourceConfig) -> SourceCheck {
+    if source.kind == crate::config::SourceKind::Azure {
+        return check_azure_source(config, source).await;
+    }
     let mut check = SourceCheck {
         source: source.name.clone(),
         url: source.url.clone(),
@@ -342,6 +356,57 @@ async fn check_source(config: &Config, source: &crate::config::SourceConfig) -> 
                 vsphere.is_some_and(|e| e.kind() == rehost_core::ErrorKind::PermissionDenied);
             check.error = Some(format!("{err:#}"));
         }
+    }
+    check
+}
+
+/// `config check` of an Azure source: a token obtained ("authenticated"), the subscription
+/// visible ("reachable", with its name as the version line), and the replication actions
+/// the caller's role assignments do not grant.
+async fn check_azure_source(config: &Config, source: &crate::config::SourceConfig) -> SourceCheck {
+    let mut check = SourceCheck {
+        source: source.name.clone(),
+        url: source.endpoint(),
+        reachable: false,
+        authenticated: false,
+        version: None,
+        missing_privileges: Vec::new(),
+        error: None,
+    };
+    let azure = match crate::sources::connect_azure(config, source) {
+        Ok(azure) => azure,
+        Err(err) => {
+            check.error = Some(format!("{err:#}"));
+            return check;
+        }
+    };
+    let client = azure.client();
+    if let Err(err) = client.token().await {
+        check.reachable = err.kind() == rehost_core::ErrorKind::PermissionDenied;
+        check.error = Some(format!("getting a token: {err}"));
+        return check;
+    }
+    check.authenticated = true;
+    match client.subscription().await {
+        Ok(sub) => {
+            check.reachable = true;
+            check.version = Some(format!(
+                "Azure Resource Manager, subscription {} ({}, {})",
+                sub.name, sub.id, sub.state
+            ));
+        }
+        Err(err) => {
+            check.reachable = err.status().is_some();
+            check.error = Some(format!("the subscription is not visible: {err}"));
+            return check;
+        }
+    }
+    match client
+        .missing_permissions(rehost_azure::permissions::REPLICATION_ACTIONS)
+        .await
+    {
+        Ok(missing) => check.missing_privileges = missing,
+        Err(err) => check.error = Some(format!("checking permissions: {err}")),
     }
     check
 }

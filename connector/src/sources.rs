@@ -7,7 +7,13 @@ use crate::config::{Config, SourceConfig, SourceKind, TlsCheck};
 
 /// Logs in to the vSphere source `source`.
 pub async fn connect_vsphere(config: &Config, source: &SourceConfig) -> Result<Client> {
-    let SourceKind::Vsphere = source.kind;
+    if source.kind != SourceKind::Vsphere {
+        anyhow::bail!(
+            "source {:?} is a {} source, not vSphere",
+            source.name,
+            source.kind
+        );
+    }
     let password = Password::new(source.password(config)?);
     let mut options = ConnectOptions::new(source.url.clone(), source.username.clone(), password);
     options.tls = match source.tls(config) {
@@ -19,4 +25,63 @@ pub async fn connect_vsphere(config: &Config, source: &SourceConfig) -> Result<C
     Client::connect(options)
         .await
         .with_context(|| format!("source {:?} ({})", source.name, source.url))
+}
+
+/// A client of the Azure source `source` (a token is asked for on the first call).
+pub fn connect_azure(config: &Config, source: &SourceConfig) -> Result<rehost_azure::AzureSource> {
+    use rehost_azure::{Client as AzureClient, ConnectOptions as AzureOptions, Credential, Secret};
+    let credential = if source.managed_identity {
+        Credential::ManagedIdentity {
+            client_id: source.client_id.clone(),
+        }
+    } else {
+        Credential::ClientSecret {
+            tenant_id: source.tenant_id.clone().unwrap_or_default(),
+            client_id: source.client_id.clone().unwrap_or_default(),
+            secret: Secret::new(source.client_secret(config)?),
+        }
+    };
+    let mut options = AzureOptions::new(
+        credential,
+        source.subscription_id.clone().unwrap_or_default(),
+    );
+    options.resource_groups = source.resource_groups.clone();
+    if let Some(url) = &source.authority_url {
+        options.authority_url = url.clone();
+    }
+    if let Some(url) = &source.resource_manager_url {
+        options.resource_manager_url = url.clone();
+    }
+    if let Some(url) = &source.imds_url {
+        options.imds_url = url.clone();
+    }
+    options.ca_file = source.ca_file.as_ref().map(|p| config.resolve(p));
+    let client = AzureClient::new(options).with_context(|| format!("source {:?}", source.name))?;
+    Ok(rehost_azure::AzureSource::new(client))
+}
+
+/// A connected source of either kind.
+#[derive(Debug, Clone)]
+pub enum Connected {
+    Vsphere(Client),
+    Azure(rehost_azure::AzureSource),
+}
+
+/// Connects to `source`, whatever its kind.
+pub async fn connect(config: &Config, source: &SourceConfig) -> Result<Connected> {
+    Ok(match source.kind {
+        SourceKind::Vsphere => Connected::Vsphere(connect_vsphere(config, source).await?),
+        SourceKind::Azure => Connected::Azure(connect_azure(config, source)?),
+    })
+}
+
+impl Connected {
+    /// Ends the session (vSphere sessions are a limited resource; Azure has none).
+    pub async fn logout(&self) {
+        if let Connected::Vsphere(client) = self
+            && let Err(err) = client.logout().await
+        {
+            tracing::debug!(error = %err, "logout failed");
+        }
+    }
 }

@@ -27,10 +27,31 @@ pub struct Parent {
     pub digests: Vec<[u8; 32]>,
 }
 
+/// The image format an export writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// streamOptimized VMDK; a delta names its parent by CID (vSphere).
+    VmdkStream,
+    /// Dynamic VHD; a delta is a differencing VHD naming its parent's unique id (Azure,
+    /// whose disks are VHDs). Written forward-only from the read's planned areas.
+    VhdDynamic,
+}
+
+impl ImageFormat {
+    /// The manifest's name of the format (as `rehost disk convert --to` names it).
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::VmdkStream => "vmdk-stream",
+            ImageFormat::VhdDynamic => "vhd-dynamic",
+        }
+    }
+}
+
 /// What to write.
 pub struct DiskJob {
     pub target: Target,
     pub image: String,
+    pub format: ImageFormat,
     pub label: String,
     pub parent: Option<Parent>,
     pub quiet: bool,
@@ -56,7 +77,8 @@ pub struct DiskWritten {
     pub token: ChangeToken,
     pub data_bytes: u64,
     pub image: Written,
-    pub cid: u32,
+    /// The image's identity (VMDK CID, VHD unique id), which a child names.
+    pub id: ImageId,
     pub digests: Vec<[u8; 32]>,
     pub disk_sha256: Option<String>,
 }
@@ -68,13 +90,14 @@ const CHANNEL_DEPTH: usize = 8;
 pub async fn write<E: SourceError>(job: DiskJob, read: DiskRead<E>) -> Result<DiskWritten> {
     let capacity = read.capacity_bytes;
     let token = read.token.clone();
+    let planned = read.planned.clone();
     let bar = bytes_bar(read.data_bytes, &job.label, job.quiet);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Extent>(CHANNEL_DEPTH);
     let worker_bar = bar.clone();
     let on_data = job.on_data.clone();
     let worker = tokio::task::spawn_blocking(move || {
         let extents = std::iter::from_fn(move || rx.blocking_recv().map(Ok));
-        write_blocking(job, capacity, extents, &|e| {
+        write_blocking(job, capacity, planned.as_deref(), extents, &|e| {
             if let Extent::Data { data, .. } = e {
                 worker_bar.inc(data.len() as u64);
                 if let Some(on_data) = &on_data {
@@ -135,7 +158,7 @@ where
             bail!("the exported image is {declared} bytes, the VM's disk {capacity}");
         }
         let extents = reader.map(|e| e.map_err(anyhow::Error::from));
-        write_blocking(job, capacity, extents, &|e| {
+        write_blocking(job, capacity, None, extents, &|e| {
             worker_bar.set_position(e.end());
             on_progress(e.end());
         })
@@ -193,30 +216,51 @@ impl std::io::Read for ChannelRead {
 fn write_blocking(
     job: DiskJob,
     capacity: u64,
+    planned: Option<&[(u64, u64)]>,
     extents: impl Iterator<Item = Result<Extent>>,
     on_extent: &dyn Fn(&Extent),
 ) -> Result<DiskWritten> {
+    use rehost_diskimage::write::OutputFormat;
     // An upload's part size is chosen before the first byte, from the largest the image can be.
-    let size_hint = rehost_diskimage::write::max_stream_bytes(
-        rehost_diskimage::write::OutputFormat::VmdkStream,
-        capacity,
-    )
-    .unwrap_or(capacity.saturating_mul(2));
+    let size_hint = match (job.format, planned) {
+        (ImageFormat::VhdDynamic, Some(areas)) => vhd_max_bytes(capacity, areas),
+        _ => rehost_diskimage::write::max_stream_bytes(OutputFormat::VmdkStream, capacity)
+            .unwrap_or(capacity.saturating_mul(2)),
+    };
     let out = SharedOut::new(job.target.create(&job.image, size_hint, &job.handle)?);
-    let link = job.parent.as_ref().map(|p| ParentLink {
-        relative_path: p.entry.image.clone(),
-        absolute_path: p.location.clone(),
-        id: ImageId::VmdkCid(p.entry.image_cid),
-        virtual_size_bytes: capacity,
-    });
+    let link = match &job.parent {
+        Some(p) => Some(ParentLink {
+            relative_path: p.entry.image.clone(),
+            absolute_path: p.location.clone(),
+            id: parent_id(job.format, &p.entry)?,
+            virtual_size_bytes: capacity,
+        }),
+        None => None,
+    };
     let location = job.target.location(&job.image);
-    let mut writer = rehost_diskimage::write::create_stream(
-        out.clone(),
-        rehost_diskimage::write::OutputFormat::VmdkStream,
-        capacity,
-        link,
-        location.clone(),
-    )?;
+    let mut writer: Box<dyn rehost_diskimage::ExtentSink + Send> = match job.format {
+        ImageFormat::VmdkStream => rehost_diskimage::write::create_stream(
+            out.clone(),
+            OutputFormat::VmdkStream,
+            capacity,
+            link,
+            location.clone(),
+        )?,
+        ImageFormat::VhdDynamic => {
+            let Some(areas) = planned else {
+                bail!(
+                    "{location}: a VHD is written from the areas the source plans to read, and this source gave none"
+                );
+            };
+            Box::new(rehost_diskimage::vhd::VhdStreamWriter::new(
+                out.clone(),
+                capacity,
+                link,
+                areas,
+                location.clone(),
+            )?)
+        }
+    };
     // A full export also hashes the whole disk; an incremental reads too little for that.
     let mut disk_hash = job.parent.is_none().then(Sha256::new);
     let mut digests = BlockDigests::new(capacity, job.parent.map(|p| p.digests))?;
@@ -243,19 +287,68 @@ fn write_blocking(
     writer.finish()?;
     let digests = digests.finish()?;
     let image = out.take()?.finish()?;
-    let cid = match job.target.image_id(&job.image, &job.handle)? {
-        ImageId::VmdkCid(cid) => cid,
-        other => bail!("{location}: expected a VMDK content id, read {other:?}"),
-    };
+    // Read back from what was written: the id a child will be checked against.
+    let id = job.target.image_id(&job.image, &job.handle)?;
+    match (job.format, &id) {
+        (ImageFormat::VmdkStream, ImageId::VmdkCid(_))
+        | (ImageFormat::VhdDynamic, ImageId::VhdUniqueId(_)) => {}
+        (format, other) => bail!(
+            "{location}: expected a {} image, read one with id {other:?}",
+            format.name()
+        ),
+    }
     Ok(DiskWritten {
         capacity_bytes: capacity,
         token: ChangeToken(String::new()),
         data_bytes,
         image,
-        cid,
+        id,
         digests,
         disk_sha256: disk_hash.map(|h| hex::encode(h.finalize())),
     })
+}
+
+/// The largest a dynamic VHD of the `areas` can be: headers, BAT, one 2 MiB block (plus
+/// its sector bitmap) per block the areas touch, the footer.
+fn vhd_max_bytes(capacity: u64, areas: &[(u64, u64)]) -> u64 {
+    const BLOCK: u64 = 2 << 20;
+    let mut blocks = 0u64;
+    let mut last = None;
+    for &(offset, len) in areas.iter().filter(|(_, len)| *len > 0) {
+        let (first, end) = (offset / BLOCK, (offset + len - 1) / BLOCK);
+        let first = match last {
+            Some(l) if l >= first => l + 1,
+            _ => first,
+        };
+        if end >= first {
+            blocks += end - first + 1;
+        }
+        last = Some(end.max(last.unwrap_or(0)));
+    }
+    let bat = capacity.div_ceil(BLOCK) * 4;
+    64 * 1024 + bat + blocks * (BLOCK + 512) + 512
+}
+
+/// The identity a delta of `format` records for its parent, from the parent's manifest entry.
+fn parent_id(format: ImageFormat, parent: &DiskEntry) -> Result<ImageId> {
+    match format {
+        ImageFormat::VmdkStream => Ok(ImageId::VmdkCid(parent.image_cid)),
+        ImageFormat::VhdDynamic => {
+            let hex_id = parent.image_unique_id.as_deref().with_context(|| {
+                format!(
+                    "the base export's {} records no VHD unique id",
+                    parent.image
+                )
+            })?;
+            let bytes = hex::decode(hex_id)
+                .ok()
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                .with_context(|| {
+                    format!("the base export's unique id {hex_id:?} is not 16 hex bytes")
+                })?;
+            Ok(ImageId::VhdUniqueId(bytes))
+        }
+    }
 }
 
 /// The target writer, shared between the image writer (which owns a `Write`) and us

@@ -67,12 +67,15 @@ pub struct DiskEntry {
     pub since_change_id: Option<String>,
     /// The image file, in the manifest's folder.
     pub image: String,
-    /// `vmdk-stream`.
+    /// `vmdk-stream` (vSphere) or `vhd-dynamic` (Azure; a differencing VHD for a delta).
     pub image_format: String,
     pub image_bytes: u64,
     pub image_sha256: String,
-    /// The VMDK content id of the image (a child image names it as `parentCID`).
+    /// The VMDK content id of the image (a child image names it as `parentCID`); 0 for a VHD.
     pub image_cid: u32,
+    /// The VHD unique id of the image, hex (a differencing child names it as its parent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_unique_id: Option<String>,
     /// The image this one is a delta of (incremental only), in the same folder.
     pub parent_image: Option<String>,
     /// Disk bytes read from the source and stored in the image.

@@ -8,6 +8,7 @@
 //! rest (a `kill -9`): the ledger's open entries and, on the VMs, snapshots carrying
 //! rehost's name prefix *and* description marker, never anyone else's.
 
+pub mod azure;
 mod disk;
 pub mod manifest;
 pub mod target;
@@ -25,8 +26,9 @@ use rehost_vsphere::{Client, MoRef, Vm, VsphereSource};
 use serde::Serialize;
 
 use crate::aws_args::{AwsArgs, runtime};
-use crate::config::{Config, SourceConfig};
+use crate::config::{Config, SourceConfig, SourceKind};
 use crate::output::{OutputMode, print_json};
+use crate::sources::Connected;
 use crate::store::{SharedStore, Store};
 use manifest::{DiskEntry, ExportKind, Manifest, SourceEntry, VmEntry};
 use target::Target;
@@ -100,6 +102,10 @@ pub struct ExportRequest<'a> {
     pub progress: Option<ExportProgress>,
     /// What stops the export early (the snapshot is still removed).
     pub stop: Stop,
+    /// Azure: once this incremental export is written, delete the base's snapshots (this
+    /// export's replace them as the next base). A replication run leaves that until the
+    /// run has completed, so a retried run can still diff against them.
+    pub retire_base: bool,
 }
 
 impl std::fmt::Debug for ExportRequest<'_> {
@@ -197,16 +203,23 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
         let config = Config::locate(args.config.as_deref())?;
         let source_config = config.source(&args.source)?.clone();
         let store = Store::open(&config.store_path())?;
-        let client = crate::sources::connect_vsphere(&config, &source_config).await?;
+        let connected = crate::sources::connect(&config, &source_config).await?;
         let result = if args.cleanup {
-            cleanup(
-                &store,
-                &client,
-                &args.source,
-                args.vm.as_deref(),
-                args.output,
-            )
-            .await
+            match &connected {
+                Connected::Vsphere(client) => {
+                    cleanup(
+                        &store,
+                        client,
+                        &args.source,
+                        args.vm.as_deref(),
+                        args.output,
+                    )
+                    .await
+                }
+                Connected::Azure(azure) => {
+                    cleanup_azure(store, azure, &args.source, args.vm.as_deref(), args.output).await
+                }
+            }
         } else {
             let needs_s3 =
                 args.to.as_deref().is_some_and(is_s3) || args.base.as_deref().is_some_and(is_s3);
@@ -215,12 +228,10 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
             } else {
                 None
             };
-            export_command(&args, &source_config, store, &client, clients, handle).await
+            export_command(&args, &source_config, store, &connected, clients, handle).await
         };
         // Log out whatever happened: sessions are a limited resource on vCenter.
-        if let Err(err) = client.logout().await {
-            tracing::debug!(error = %err, "logout failed");
-        }
+        connected.logout().await;
         result
     })
 }
@@ -234,7 +245,7 @@ async fn export_command(
     args: &ExportArgs,
     source_config: &SourceConfig,
     store: Store,
-    client: &Client,
+    connected: &Connected,
     clients: Option<Clients>,
     handle: tokio::runtime::Handle,
 ) -> Result<ExitCode> {
@@ -253,9 +264,10 @@ async fn export_command(
         purpose: "export".to_owned(),
         progress: None,
         stop: Stop::Signals,
+        retire_base: true,
     };
     let ledger = SharedStore::new(store);
-    let exported = export(&request, client, clients, &ledger, handle).await?;
+    let exported = export(&request, connected, clients, &ledger, handle).await?;
     let manifest = &exported.manifest;
     let report = ExportReport {
         manifest: exported.manifest_location.clone(),
@@ -274,7 +286,7 @@ async fn export_command(
                 content_sha256: d.content_sha256.clone(),
             })
             .collect(),
-        snapshot_removed: args.via == Via::Snapshot,
+        snapshot_removed: args.via == Via::Snapshot && source_config.kind == SourceKind::Vsphere,
         seconds: started.elapsed().as_secs_f64(),
     };
     match args.output {
@@ -302,8 +314,32 @@ async fn export_command(
 }
 
 /// Exports one VM as `request` says: preflight, snapshot (recorded in `ledger` first),
-/// each disk's image and block list, the manifest; the snapshot is removed on every path.
+/// each disk's image and block list, the manifest; a vSphere snapshot is removed on every
+/// path, an Azure one kept as the next base only when the export succeeded.
 pub async fn export(
+    request: &ExportRequest<'_>,
+    source: &Connected,
+    clients: Option<Clients>,
+    ledger: &SharedStore,
+    handle: tokio::runtime::Handle,
+) -> Result<Exported> {
+    match source {
+        Connected::Vsphere(client) => {
+            export_vsphere(request, client, clients, ledger, handle).await
+        }
+        Connected::Azure(azure) => {
+            if request.via == Via::ExportVm {
+                bail!("--via export-vm is for vSphere; Azure VMs are read through snapshots");
+            }
+            if request.quiesce {
+                bail!("--quiesce is for vSphere; Azure snapshots are crash-consistent");
+            }
+            azure::export(request, azure, clients, ledger, handle).await
+        }
+    }
+}
+
+async fn export_vsphere(
     request: &ExportRequest<'_>,
     client: &Client,
     clients: Option<Clients>,
@@ -719,6 +755,7 @@ impl ExportJob<'_> {
         disk::DiskJob {
             target: self.target.clone(),
             image: image.to_owned(),
+            format: disk::ImageFormat::VmdkStream,
             label: format!("disk {}", disk.id),
             parent,
             quiet: self.request.quiet,
@@ -748,10 +785,14 @@ impl ExportJob<'_> {
             change_id,
             since_change_id,
             image,
-            image_format: "vmdk-stream".to_owned(),
+            image_format: disk::ImageFormat::VmdkStream.name().to_owned(),
             image_bytes: written.image.bytes,
             image_sha256: written.image.sha256,
-            image_cid: written.cid,
+            image_cid: match written.id {
+                rehost_diskimage::ImageId::VmdkCid(cid) => cid,
+                _ => 0,
+            },
+            image_unique_id: None,
             parent_image: base_entry.map(|e| e.image.clone()),
             data_bytes: written.data_bytes,
             block_list,
@@ -944,6 +985,64 @@ async fn cleanup(
             }
             if report.removed.is_empty() && report.failed.is_empty() {
                 println!("no rehost snapshot left on {} VM(s)", vms.len());
+            }
+        }
+    }
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `rehost export --cleanup` of an Azure source: the snapshot sets the ledger still holds
+/// open (an export killed before it could delete them), found by their tag and deleted.
+/// Snapshots kept as the base of the next incremental export are closed in the ledger and
+/// never touched.
+async fn cleanup_azure(
+    store: Store,
+    azure: &rehost_azure::AzureSource,
+    source: &str,
+    vm_filter: Option<&str>,
+    output: OutputMode,
+) -> Result<ExitCode> {
+    let vm_id = match vm_filter {
+        Some(name) => Some(azure.client().find_vm(name).await?.info.id.0),
+        None => None,
+    };
+    let ledger = SharedStore::new(store);
+    let open = ledger.with(|s| s.open_snapshots(source))?;
+    let mut report = CleanupReport {
+        removed: Vec::new(),
+        failed: Vec::new(),
+    };
+    for entry in open {
+        if vm_id.as_ref().is_some_and(|id| *id != entry.vm_id) {
+            continue;
+        }
+        azure::remove_tagged(&ledger, azure, entry.id, &entry.name).await;
+        let still_open = ledger
+            .with(|s| s.open_snapshots(source))?
+            .iter()
+            .any(|e| e.id == entry.id);
+        let label = format!("{}-* of VM {}", entry.name, entry.vm_id);
+        if still_open {
+            report.failed.push(label);
+        } else {
+            report.removed.push(label);
+        }
+    }
+    match output {
+        OutputMode::Json => print_json(&report)?,
+        OutputMode::Table => {
+            for r in &report.removed {
+                println!("removed {r}");
+            }
+            for f in &report.failed {
+                println!("FAILED {f}");
+            }
+            if report.removed.is_empty() && report.failed.is_empty() {
+                println!("no rehost snapshot left behind");
             }
         }
     }

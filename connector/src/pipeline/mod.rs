@@ -28,9 +28,10 @@ use rehost_importer::import::{ImportOptions, ImportStatus, ProgressCallback};
 use rehost_importer::s3::{S3Fs, S3Url};
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, SourceKind};
 use crate::export::{self, ExportProgress, ExportRequest, Stop, Via};
 use crate::jobs::model::{DiskLineage, Job, Run, RunStage, Timestamp};
+use crate::sources::Connected;
 use crate::store::SharedStore;
 use checkpoint::{Checkpoint, ImportedDisk, StagedExport};
 
@@ -99,6 +100,7 @@ pub async fn discard_staged(ctx: &RunContext, run: &Run) {
     if let Err(err) = staging::clear_run(&ctx.clients, &bucket, &prefix).await {
         tracing::warn!(run = %run.id, error = %format!("{err:#}"), "could not delete what the failed run staged");
     }
+    discard_azure_snapshots(ctx, run).await;
 }
 
 /// The steps; `Ok(None)` when stopped on request.
@@ -168,7 +170,68 @@ async fn execute_steps(ctx: &RunContext, run: &Run) -> Result<Option<String>> {
     let lineage = lineage_of(&job, run, &staged, &checkpoint, ctx.config.aws.keep_staged);
     ctx.store
         .with(|s| Ok(s.complete_run(&run.id, &ami_id, &lineage, Timestamp::now())?))?;
+    retire_azure_base(ctx, &job, &staged.manifest).await;
     Ok(Some(ami_id))
+}
+
+/// Azure: the snapshots this run diffed against are replaced, as the next run's base, by
+/// this run's (now in the lineage): deleted. Best effort once the run is complete; what
+/// fails is logged (the snapshots carry rehost's tag).
+async fn retire_azure_base(ctx: &RunContext, job: &Job, manifest: &export::manifest::Manifest) {
+    let Ok(source) = ctx.config.source(&job.source) else {
+        return;
+    };
+    if source.kind != SourceKind::Azure
+        || manifest.disks.iter().all(|d| d.since_change_id.is_none())
+    {
+        return;
+    }
+    let outcome = async {
+        let azure = crate::sources::connect_azure(&ctx.config, source)?;
+        export::azure::retire_base(&azure, manifest).await
+    }
+    .await;
+    if let Err(err) = outcome {
+        tracing::warn!(job = %job.id, error = %format!("{err:#}"), "the previous run's Azure snapshots were not deleted");
+    }
+}
+
+/// Azure: a failed run's kept snapshots (its export succeeded, a later step failed) are no
+/// one's base: deleted, unless the lineage names them.
+async fn discard_azure_snapshots(ctx: &RunContext, run: &Run) {
+    let outcome = async {
+        let Some(job) = ctx.store.with(|s| s.job(&run.job_id))? else {
+            return Ok(());
+        };
+        let source = ctx.config.source(&job.source)?;
+        if source.kind != SourceKind::Azure {
+            return Ok(());
+        }
+        let checkpoint =
+            Checkpoint::parse(ctx.store.with(|s| s.run_checkpoint(&run.id))?.as_deref())?;
+        let Some(staged) = checkpoint.export else {
+            return Ok(());
+        };
+        let lineage = ctx.store.with(|s| s.lineage(&job.id))?;
+        let azure = crate::sources::connect_azure(&ctx.config, source)?;
+        for disk in &staged.manifest.disks {
+            let Some(snapshot) = &disk.change_id else {
+                continue;
+            };
+            if lineage
+                .iter()
+                .any(|l| l.last_change_id.as_deref() == Some(snapshot.as_str()))
+            {
+                continue;
+            }
+            azure.delete_snapshot(snapshot).await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(err) = outcome {
+        tracing::warn!(run = %run.id, error = %format!("{err:#}"), "the failed run's Azure snapshots were not deleted");
+    }
 }
 
 fn stop_requested(ctx: &RunContext) -> bool {
@@ -189,7 +252,7 @@ async fn export_step(
 ) -> Result<StagedExport> {
     progress.stage(RunStage::Snapshot, 0)?;
     let source_config = ctx.config.source(&job.source)?;
-    let client = crate::sources::connect_vsphere(&ctx.config, source_config).await?;
+    let client = crate::sources::connect(&ctx.config, source_config).await?;
     let outcome = async {
         let purpose = run_purpose(run);
         let (bucket, prefix) = staging::run_prefix(&ctx.config.aws, &job.id, &run.id)?;
@@ -218,6 +281,9 @@ async fn export_step(
                 export_progress.export_bytes(done, total);
             }))),
             stop: Stop::When(ctx.stop.clone()),
+            // Azure: the base's snapshots go once this run has completed (see
+            // retire_azure_base), so a retry of this run can still diff against them.
+            retire_base: false,
         };
         let exported = export::export(
             &request,
@@ -235,9 +301,7 @@ async fn export_step(
         })
     }
     .await;
-    if let Err(err) = client.logout().await {
-        tracing::debug!(error = %err, "logout failed");
-    }
+    client.logout().await;
     outcome
 }
 
@@ -249,20 +313,27 @@ fn run_purpose(run: &Run) -> String {
 /// Removes the snapshots the ledger still holds open for this run (a killed attempt's).
 async fn remove_leftover_snapshots(
     ctx: &RunContext,
-    client: &rehost_vsphere::Client,
+    connected: &Connected,
     source: &str,
     purpose: &str,
 ) -> Result<()> {
     let open = ctx.store.with(|s| s.open_snapshots(source))?;
     for entry in open.into_iter().filter(|e| e.purpose == purpose) {
         tracing::info!(snapshot = %entry.name, vm = %entry.vm_id, "removing a snapshot an earlier attempt left");
-        let vm = client.find_vm(&entry.vm_id).await.with_context(|| {
-            format!(
-                "finding VM {} to remove snapshot {}",
-                entry.vm_id, entry.name
-            )
-        })?;
-        export::remove_by_name(&ctx.store, client, entry.id, &vm.moref, &entry.name).await;
+        match connected {
+            Connected::Vsphere(client) => {
+                let vm = client.find_vm(&entry.vm_id).await.with_context(|| {
+                    format!(
+                        "finding VM {} to remove snapshot {}",
+                        entry.vm_id, entry.name
+                    )
+                })?;
+                export::remove_by_name(&ctx.store, client, entry.id, &vm.moref, &entry.name).await;
+            }
+            Connected::Azure(azure) => {
+                export::azure::remove_tagged(&ctx.store, azure, entry.id, &entry.name).await;
+            }
+        }
         let still_open = ctx
             .store
             .with(|s| s.open_snapshots(source))?

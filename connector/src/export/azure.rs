@@ -1,0 +1,353 @@
+//! `rehost export` of an Azure VM: an incremental snapshot of each managed disk (recorded
+//! in the ledger first), each disk read through a SAS — every allocated page, or the diff
+//! against the base export's snapshot — into a dynamic VHD (a differencing VHD of the
+//! base's image for an incremental), and access revoked on every path.
+//!
+//! On success this export's snapshots stay (the next incremental diffs against them) and,
+//! when asked, the base's are deleted; on any failure or interruption, this export's are
+//! deleted. Either way nothing else is left in the subscription.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use rehost_azure::AzureSource;
+use rehost_azure::inventory::AzureVm;
+use rehost_core::{ChangeToken, SnapshotOptions, SnapshotRef, Source};
+use rehost_importer::aws::Clients;
+
+use super::disk::{self, ImageFormat};
+use super::manifest::{self, DiskEntry, ExportKind, Manifest, SourceEntry, VmEntry};
+use super::target::{self, Target};
+use super::{
+    Base, ExportRequest, Exported, SNAPSHOT_MARKER, SNAPSHOT_PREFIX, file_safe, new_export_id,
+    now_rfc3339,
+};
+use crate::store::SharedStore;
+
+/// Exports one Azure VM as `request` says.
+pub async fn export(
+    request: &ExportRequest<'_>,
+    azure: &AzureSource,
+    clients: Option<Clients>,
+    ledger: &SharedStore,
+    handle: tokio::runtime::Handle,
+) -> Result<Exported> {
+    let found = azure
+        .client()
+        .find_vm(&request.vm)
+        .await
+        .with_context(|| format!("source {:?}", request.source.name))?;
+    let vm = &found.info;
+    let unsupported = vm.unsupported_reasons();
+    if !unsupported.is_empty() {
+        bail!("{} cannot be exported: {}", vm.name, unsupported.join("; "));
+    }
+    if found.disks.is_empty() {
+        bail!("{} has no managed disk to export", vm.name);
+    }
+    let base = match &request.base {
+        Some(location) => Some(Base::load(location, clients.as_ref(), vm).await?),
+        None => None,
+    };
+    if let Some(base) = &base
+        && let Some(entry) = base
+            .manifest
+            .disks
+            .iter()
+            .find(|d| d.image_format != ImageFormat::VhdDynamic.name())
+    {
+        bail!(
+            "--base {}: disk {} is a {} image, not an Azure export's VHD",
+            base.location,
+            entry.key,
+            entry.image_format
+        );
+    }
+    let target = Target::parse(&request.to, clients.clone())?;
+    target.prepare()?;
+
+    let export_id = new_export_id();
+    let snapshot_name = format!("{SNAPSHOT_PREFIX}{export_id}");
+    let entry = ledger.with(|s| {
+        s.snapshot_intended(
+            &request.source.name,
+            &vm.id.0,
+            &found.resource_id,
+            &snapshot_name,
+            &request.purpose,
+        )
+    })?;
+    let options = SnapshotOptions {
+        name: snapshot_name.clone(),
+        description: format!(
+            "{SNAPSHOT_MARKER} export {export_id}; kept as the base of the next incremental export of this VM"
+        ),
+        quiesce: false,
+    };
+    if !request.quiet {
+        eprintln!(
+            "Taking incremental snapshots {snapshot_name}-* of {}…",
+            vm.name
+        );
+    }
+    let created = request
+        .stop
+        .guard(azure.snapshot(&vm.id, &options))
+        .await
+        .and_then(|r| {
+            r.map_err(|e| anyhow::Error::new(e).context(format!("snapshotting {}", vm.name)))
+        });
+    let snapshot = match created {
+        Ok(snapshot) => snapshot,
+        Err(err) => {
+            // Interrupted mid-set: the snapshots made so far carry the set's tag.
+            remove_tagged(ledger, azure, entry, &snapshot_name).await;
+            return Err(err);
+        }
+    };
+    ledger.with(|s| s.snapshot_created(entry, &snapshot.snapshot_ref))?;
+    let job = AzureExport {
+        request,
+        azure,
+        found: &found,
+        base: base.as_ref(),
+        target: &target,
+        export_id: &export_id,
+        snapshot_name: &snapshot_name,
+        handle,
+        read_so_far: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    };
+    let outcome = request.stop.guard(job.run(&snapshot)).await.and_then(|r| r);
+    // Every SAS we were given goes, whatever happened.
+    let revoked = azure.end_access().await;
+    let (manifest_location, manifest) = match outcome {
+        Ok(done) => done,
+        Err(err) => {
+            release(ledger, azure, entry, &snapshot).await;
+            return Err(err);
+        }
+    };
+    revoked.context("revoking read access to the snapshots")?;
+    // This export's snapshots are now the base of the next: no longer a leftover.
+    ledger.with(|s| s.snapshot_removed(entry))?;
+    if request.retire_base {
+        retire_base(azure, &manifest).await?;
+    }
+    let image_locations = manifest
+        .disks
+        .iter()
+        .map(|d| target.location(&d.image))
+        .collect();
+    Ok(Exported {
+        manifest_location,
+        manifest,
+        image_locations,
+    })
+}
+
+/// Deletes the snapshots an incremental export diffed against (its base's), which the new
+/// export's snapshots replace as the next base.
+pub async fn retire_base(azure: &AzureSource, manifest: &Manifest) -> Result<()> {
+    for disk in &manifest.disks {
+        if let Some(previous) = &disk.since_change_id {
+            azure
+                .delete_snapshot(previous)
+                .await
+                .with_context(|| format!("deleting the base snapshot {previous}"))?;
+            tracing::info!(snapshot = %previous, "base snapshot replaced by this export's; deleted");
+        }
+    }
+    Ok(())
+}
+
+/// Deletes this export's snapshots after a failure; the ledger entry stays open (for
+/// `--cleanup`) if that fails too.
+async fn release(ledger: &SharedStore, azure: &AzureSource, entry: i64, snapshot: &SnapshotRef) {
+    match azure.release(snapshot).await {
+        Ok(()) => {
+            let _ = ledger.with(|s| s.snapshot_removed(entry));
+        }
+        Err(err) => {
+            tracing::warn!(snapshot = %snapshot.name, error = %err, "could not delete the export's snapshots");
+            let _ = ledger.with(|s| s.snapshot_removal_failed(entry, &err.to_string()));
+        }
+    }
+}
+
+/// Deletes every snapshot tagged as part of the set `name` (a set whose creation was
+/// interrupted), closing the ledger entry when all are gone.
+pub async fn remove_tagged(ledger: &SharedStore, azure: &AzureSource, entry: i64, name: &str) {
+    let _ = azure.end_access().await;
+    match azure.tagged_snapshots().await {
+        Ok(tagged) => {
+            let mut all_gone = true;
+            for (id, _) in tagged.iter().filter(|(_, tag)| tag == name) {
+                if let Err(err) = azure.delete_snapshot(id).await {
+                    all_gone = false;
+                    let _ = ledger.with(|s| s.snapshot_removal_failed(entry, &err.to_string()));
+                }
+            }
+            if all_gone {
+                let _ = ledger.with(|s| s.snapshot_removed(entry));
+            }
+        }
+        Err(err) => {
+            let _ = ledger.with(|s| s.snapshot_removal_failed(entry, &err.to_string()));
+        }
+    }
+}
+
+struct AzureExport<'a> {
+    request: &'a ExportRequest<'a>,
+    azure: &'a AzureSource,
+    found: &'a AzureVm,
+    base: Option<&'a Base>,
+    target: &'a Target,
+    export_id: &'a str,
+    snapshot_name: &'a str,
+    handle: tokio::runtime::Handle,
+    read_so_far: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl AzureExport<'_> {
+    fn stem(&self) -> String {
+        format!("{}-{}", file_safe(&self.found.info.name), self.export_id)
+    }
+
+    async fn run(&self, snapshot: &SnapshotRef) -> Result<(String, Manifest)> {
+        let vm = &self.found.info;
+        let stem = self.stem();
+        let mut disks = Vec::new();
+        for disk in vm.disks.iter().filter(|d| d.unsupported.is_none()) {
+            let base_entry = match self.base {
+                Some(base) => Some(base.manifest.disk(&disk.id.0).with_context(|| {
+                    format!(
+                        "disk {} ({}) is not in the base export {}: it was added since; run a full export",
+                        disk.id, disk.label, base.location
+                    )
+                })?),
+                None => None,
+            };
+            let since = match base_entry {
+                Some(entry) => Some(ChangeToken(entry.change_id.clone().with_context(|| {
+                    format!("disk {} has no snapshot id in the base export", disk.id)
+                })?)),
+                None => None,
+            };
+            let read = self
+                .azure
+                .read_disk(snapshot, &disk.id, since.as_ref())
+                .await
+                .with_context(|| {
+                    format!("reading disk {} ({}) of {}", disk.id, disk.label, vm.name)
+                })?;
+            let parent = match (self.base, base_entry) {
+                (Some(base), Some(entry)) => {
+                    if entry.capacity_bytes != read.capacity_bytes {
+                        bail!(
+                            "disk {} was {} bytes in the base export and is {} now: a resized disk needs a full export",
+                            disk.id,
+                            entry.capacity_bytes,
+                            read.capacity_bytes
+                        );
+                    }
+                    Some(disk::Parent {
+                        entry: entry.clone(),
+                        location: target::sibling(&base.location, &entry.image),
+                        digests: base.block_list(entry).await?,
+                    })
+                }
+                _ => None,
+            };
+            let image = format!("{stem}-disk-{}.vhd", disk.id);
+            let job = disk::DiskJob {
+                target: self.target.clone(),
+                image: image.clone(),
+                format: ImageFormat::VhdDynamic,
+                label: format!("disk {}", disk.id),
+                parent,
+                quiet: self.request.quiet,
+                on_data: self.on_data(),
+                handle: self.handle.clone(),
+            };
+            let written = disk::write(job, read).await.with_context(|| {
+                format!("exporting disk {} ({}) of {}", disk.id, disk.label, vm.name)
+            })?;
+            let block_list = format!("{stem}-disk-{}.blocks", disk.id);
+            let list = self
+                .target
+                .put(&block_list, manifest::encode_block_list(&written.digests))
+                .await?;
+            let unique_id = match &written.id {
+                rehost_diskimage::ImageId::VhdUniqueId(id) => hex::encode(id),
+                other => bail!("{image}: expected a VHD unique id, read {other:?}"),
+            };
+            disks.push(DiskEntry {
+                key: disk.id.0.clone(),
+                label: disk.label.clone(),
+                capacity_bytes: written.capacity_bytes,
+                change_id: Some(written.token.0.clone()),
+                since_change_id: since.map(|t| t.0),
+                image,
+                image_format: ImageFormat::VhdDynamic.name().to_owned(),
+                image_bytes: written.image.bytes,
+                image_sha256: written.image.sha256,
+                image_cid: 0,
+                image_unique_id: Some(unique_id),
+                parent_image: base_entry.map(|e| e.image.clone()),
+                data_bytes: written.data_bytes,
+                block_list,
+                content_sha256: list.sha256,
+                disk_sha256: written.disk_sha256,
+            });
+        }
+        let manifest = Manifest {
+            format: manifest::FORMAT.to_owned(),
+            export_id: self.export_id.to_owned(),
+            created_at: now_rfc3339(),
+            source: SourceEntry {
+                name: self.request.source.name.clone(),
+                kind: self.request.source.kind.to_string(),
+                url: self.request.source.endpoint(),
+            },
+            vm: VmEntry {
+                id: vm.id.0.clone(),
+                name: vm.name.clone(),
+                path: vm.path.clone(),
+                firmware: vm.firmware,
+                guest_os: vm.guest_os.clone(),
+                cpus: vm.cpus,
+                memory_mib: vm.memory_mib,
+            },
+            snapshot_name: self.snapshot_name.to_owned(),
+            kind: if self.base.is_some() {
+                ExportKind::Incremental
+            } else {
+                ExportKind::Full
+            },
+            parent_manifest: self.base.map(|b| {
+                b.location
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or(&b.location)
+                    .to_owned()
+            }),
+            disks,
+        };
+        let name = format!("{stem}.manifest.json");
+        self.target
+            .put(&name, serde_json::to_vec_pretty(&manifest)?)
+            .await?;
+        Ok((self.target.location(&name), manifest))
+    }
+
+    fn on_data(&self) -> Option<Arc<dyn Fn(u64) + Send + Sync>> {
+        let progress = self.request.progress.clone()?;
+        let total: u64 = self.found.info.disks.iter().map(|d| d.capacity_bytes).sum();
+        let so_far = self.read_so_far.clone();
+        Some(Arc::new(move |bytes| {
+            let done = so_far.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+            (progress.0)(done, total);
+        }))
+    }
+}
