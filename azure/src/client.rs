@@ -574,7 +574,7 @@ impl Client {
                     operation,
                     status = answer.status.as_u16(),
                     attempt,
-                    wait_ms = wait.as_millis() as u64,
+                    wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                     "Azure asked to retry"
                 ),
                 Err(e) => warn!(operation, attempt, error = %e, "request failed; retrying"),

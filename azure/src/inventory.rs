@@ -149,9 +149,12 @@ fn groups_note(groups: &[String]) -> String {
     }
 }
 
-/// The VM's disks: `(key, label)` and the managed disk's id (`None` for an unmanaged or
+/// A disk slot of a VM: its key (`os`, `lun0`) and label (the disk's name).
+type Slot = (String, String);
+
+/// The VM's disks: their slot and the managed disk's id (`None` for an unmanaged or
 /// ephemeral disk, which rehost cannot snapshot).
-fn disk_references(vm: &Value) -> Result<Vec<((String, String), Option<String>)>> {
+fn disk_references(vm: &Value) -> Result<Vec<(Slot, Option<String>)>> {
     let mut out = Vec::new();
     let storage = vm
         .pointer("/properties/storageProfile")
@@ -228,7 +231,7 @@ fn parse_vm(
     vm: &Value,
     view: &Value,
     sizes: &HashMap<String, (u32, u64)>,
-    disks: Vec<((String, String), Option<ManagedDisk>)>,
+    disks: Vec<(Slot, Option<ManagedDisk>)>,
 ) -> Result<AzureVm> {
     let resource_id = str_at(vm, "/id", "VM")?.to_owned();
     let name = str_at(vm, "/name", &resource_id)?.to_owned();

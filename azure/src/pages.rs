@@ -73,10 +73,8 @@ pub fn parse_page_list(body: &[u8]) -> Result<PageList> {
                     return Err(bad("elements nested too deeply".into()));
                 }
             }
-            Event::Empty(e) => {
-                if path.is_empty() && e.local_name().as_ref() == b"PageList" {
-                    saw_root = true;
-                }
+            Event::Empty(e) if path.is_empty() && e.local_name().as_ref() == b"PageList" => {
+                saw_root = true;
             }
             Event::Text(t) => {
                 let text = t

@@ -7,10 +7,13 @@ use crate::client::{Client, api};
 use crate::error::Result;
 
 /// The actions a replication needs: read VMs and disks, write and delete snapshots, and
-/// begin and end read access to them.
+/// begin and end read access to them (and to the disks snapshotted, which Azure checks as a
+/// linked authorization when a snapshot is created).
 pub const REPLICATION_ACTIONS: &[&str] = &[
     "Microsoft.Compute/virtualMachines/read",
     "Microsoft.Compute/disks/read",
+    // Linked: a snapshot of a disk reads the disk, which needs access to it.
+    "Microsoft.Compute/disks/beginGetAccess/action",
     "Microsoft.Compute/snapshots/read",
     "Microsoft.Compute/snapshots/write",
     "Microsoft.Compute/snapshots/delete",
@@ -152,6 +155,7 @@ mod tests {
         assert_eq!(
             missing(&[reader], REPLICATION_ACTIONS),
             [
+                "Microsoft.Compute/disks/beginGetAccess/action",
                 "Microsoft.Compute/snapshots/write",
                 "Microsoft.Compute/snapshots/delete",
                 "Microsoft.Compute/snapshots/beginGetAccess/action",

@@ -2,7 +2,7 @@
 # Installs what the test suite needs on a fresh Debian machine, skipping what is already
 # there: qemu-utils (qemu-img and qemu-io are the reference our disk formats are
 # cross-checked against) and the strict AWS emulator (moto, in a venv: see moto/README.md).
-# The vCenter, Azure and Hyper-V emulators join this folder with the issues that need them.
+# The vCenter and Azure emulators: see their folders; the Hyper-V one joins with its issue.
 set -euo pipefail
 
 need_apt=()
@@ -52,3 +52,4 @@ fi
 qemu-img --version | head -n 1
 "$(dirname "$0")/moto/install.sh"
 "$(dirname "$0")/vcsim/build.sh"
+"$(dirname "$0")/azure/install.sh"
