@@ -30,9 +30,17 @@ use crate::pages::{AreaKind, PageRange, parse_page_list, plan_areas};
 pub const READ_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 /// Ranged GETs in flight per disk: a blob's throughput comes from parallel reads.
 pub const READS_IN_FLIGHT: usize = 8;
-/// How long a SAS we ask for is valid. Revoked as soon as the read ends; this bounds the
-/// exposure if the connector dies before it can revoke.
-pub const ACCESS_SECONDS: u64 = 4 * 3600;
+/// The shortest read access we ask for; revoked as soon as the read ends anyway. The
+/// duration bounds the exposure if the connector dies before it can revoke.
+pub const MIN_ACCESS_SECONDS: u64 = 600;
+/// The slowest read we plan for when sizing the access: 50 MiB/s.
+const PLANNED_READ_BYTES_PER_SECOND: u64 = 50 << 20;
+
+/// Read access long enough to read `bytes` at a slow pace, and no longer: ten minutes plus
+/// the read's time at 50 MiB/s, at most a day.
+pub fn access_seconds(bytes: u64) -> u64 {
+    (MIN_ACCESS_SECONDS + bytes / PLANNED_READ_BYTES_PER_SECOND).min(24 * 3600)
+}
 /// The tag every snapshot rehost makes carries (its value: the snapshot set's name).
 pub const SNAPSHOT_TAG: &str = "rehost-snapshot";
 
@@ -136,15 +144,16 @@ impl AzureSource {
         })
     }
 
-    /// Grants read access to a snapshot: its SAS URL. Recorded so it is always revoked.
-    pub async fn grant_access(&self, snapshot_id: &str) -> Result<String> {
+    /// Grants read access to a snapshot of `bytes` for as long as reading it may take
+    /// ([`access_seconds`]): its SAS URL. Recorded so it is always revoked.
+    pub async fn grant_access(&self, snapshot_id: &str, bytes: u64) -> Result<String> {
         if let Ok(mut granted) = self.granted.lock() {
             granted.insert(snapshot_id.to_owned());
         }
         let url = self
             .client
             .arm_url(&format!("{snapshot_id}/beginGetAccess"), api::COMPUTE_DISKS);
-        let body = json!({"access": "Read", "durationInSeconds": ACCESS_SECONDS});
+        let body = json!({"access": "Read", "durationInSeconds": access_seconds(bytes)});
         let done = self
             .client
             .long_running(
@@ -321,7 +330,7 @@ impl AzureSource {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_owned();
-        let sas = self.grant_access(&this.snapshot).await?;
+        let sas = self.grant_access(&this.snapshot, capacity).await?;
         check_footer(&self.client, &sas, capacity).await?;
         let previous_sas = match since {
             Some(token) => {
@@ -349,7 +358,7 @@ impl AzureSource {
                         "disk {disk} is now {source_disk}, the previous snapshot is of {previous_disk}: the disk was replaced; run a full copy"
                     )));
                 }
-                Some(self.grant_access(&token.0).await?)
+                Some(self.grant_access(&token.0, capacity).await?)
             }
             None => None,
         };
@@ -559,6 +568,13 @@ impl Source for AzureSource {
 mod tests {
     use super::*;
     use crate::pages::Area;
+
+    #[test]
+    fn access_lasts_as_long_as_the_read_may() {
+        assert_eq!(access_seconds(0), 600);
+        assert_eq!(access_seconds(4 << 30), 600 + 81);
+        assert_eq!(access_seconds(u64::MAX), 24 * 3600);
+    }
 
     #[test]
     fn resource_groups_are_found_in_ids() {

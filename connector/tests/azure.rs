@@ -1,7 +1,11 @@
 //! The Azure source end to end, as a user runs it: `rehost servers`, `rehost export` and
 //! replication jobs against the project's Azure test double (tests/emulators/azure/) and,
 //! for jobs, the strict AWS emulator. Each test starts its own double, config and store.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
 
 #[path = "../../tests/emulators/azure/harness.rs"]
 mod azure_double;
@@ -440,6 +444,44 @@ fn a_wrong_secret_a_missing_permission_and_throttling() {
 }
 
 #[test]
+fn a_managed_identity_gets_its_token_from_the_metadata_service() {
+    let world = World::start(&["--retry-after", "0"], false);
+    world.vm("web1", 32 * MIB, "V2");
+    let text = std::fs::read_to_string(&world.config).unwrap();
+    let text = text
+        .lines()
+        .filter(|l| !l.starts_with("tenant_id") && !l.starts_with("client_id"))
+        .map(|l| {
+            if l.starts_with("client_secret_env") {
+                format!("managed_identity = true\nimds_url = \"{}\"", world.az.url)
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&world.config, text).unwrap();
+    let report = world.json_ok(&[
+        "servers",
+        "import-catalog",
+        "--source",
+        "az1",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(report["servers"], 1, "{report}");
+    let requests = world.az.requests();
+    assert!(
+        requests.iter().any(|r| r["kind"] == "imds"),
+        "no IMDS request"
+    );
+    assert!(
+        !requests.iter().any(|r| r["kind"] == "token"),
+        "asked Entra ID"
+    );
+}
+
+#[test]
 fn a_job_runs_twice_to_two_verified_amis() {
     let world = World::start(&["--retry-after", "0"], true);
     let aws = world.aws.as_ref().unwrap();
@@ -486,6 +528,19 @@ fn a_job_runs_twice_to_two_verified_amis() {
     let first = run["amiId"].as_str().unwrap_or_default().to_owned();
     assert!(first.starts_with("ami-"), "{run}");
     verify(&first, "v1.raw");
+    // A generation 2 VM boots with UEFI on EC2 too.
+    let boot_mode = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let clients = aws.clients().await;
+        let out = clients
+            .ec2
+            .describe_images()
+            .image_ids(&first)
+            .send()
+            .await
+            .unwrap();
+        out.images()[0].boot_mode().map(|m| m.as_str().to_owned())
+    });
+    assert_eq!(boot_mode.as_deref(), Some("uefi"));
 
     // Cleared pages must arrive as zeros; new data as itself.
     world.az.clear(&disk, 16 * MIB, 2 * MIB);

@@ -406,13 +406,20 @@ async fn import_step(
     };
     let is_root = index == 0;
     let need_boot = is_root && checkpoint.boot.is_none() && !incremental;
+    let boot_request = source_boot_request(&staged.manifest)?;
 
     // Opening reads headers through S3 with blocking ranged GETs: a blocking thread.
     let clients = ctx.clients.clone();
     let handle = ctx.handle.clone();
     let open_location = location.clone();
     let (disk, identity, boot) = tokio::task::spawn_blocking(move || {
-        open_staged(&clients, &handle, &open_location, incremental, need_boot)
+        open_staged(
+            &clients,
+            &handle,
+            &open_location,
+            incremental,
+            need_boot.then_some(boot_request),
+        )
     })
     .await
     .context("the image opening thread failed")??;
@@ -528,6 +535,18 @@ fn completed_import(
 
 type Boot = (String, String);
 
+/// What the source knows of how the VM boots. Azure's Hyper-V generation is authoritative
+/// (a generation 2 VM boots UEFI whatever its disk's partition table looks like); for the
+/// others the image decides (a GPT with an EFI system partition is UEFI).
+fn source_boot_request(manifest: &export::manifest::Manifest) -> Result<BootRequest> {
+    let mode = match (manifest.source.kind.as_str(), manifest.vm.firmware) {
+        ("azure", rehost_core::Firmware::Efi) => "uefi",
+        ("azure", rehost_core::Firmware::Bios) => "legacy-bios",
+        _ => "auto",
+    };
+    Ok(BootRequest::parse(mode, "auto")?)
+}
+
 /// Opens a staged image: the whole chain for a full one, the delta alone for an
 /// incremental one (its parent's contents are the parent EBS snapshot, and the parent's
 /// image may have been deleted after its own import). Reads the boot facts if asked.
@@ -536,7 +555,7 @@ fn open_staged(
     handle: &tokio::runtime::Handle,
     location: &str,
     delta_only: bool,
-    read_boot: bool,
+    read_boot: Option<BootRequest>,
 ) -> Result<(Disk, SourceIdentity, Option<Boot>)> {
     use rehost_diskimage::ReadAt;
     let url = S3Url::parse(location)?;
@@ -555,8 +574,8 @@ fn open_staged(
         Disk::open_with(&fs, &url.key)
     }
     .with_context(|| format!("opening {location}"))?;
-    let boot = if read_boot {
-        let (mode, arch) = ami::resolve_boot(&disk, BootRequest::default())
+    let boot = if let Some(request) = read_boot {
+        let (mode, arch) = ami::resolve_boot(&disk, request)
             .with_context(|| format!("reading the boot mode of {location}"))?;
         Some((mode.as_aws().to_owned(), arch.as_aws().to_owned()))
     } else {

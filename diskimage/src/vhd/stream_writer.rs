@@ -300,6 +300,7 @@ impl<W: Write> ExtentSink for VhdStreamWriter<W> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation, clippy::unwrap_used)]
 mod tests {
     use super::*;
     use bytes::Bytes;
