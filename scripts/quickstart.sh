@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# The quick start: one full replication, vCenter → S3 → EBS → AMI, against the local
-# emulators (tests/emulators/), on the embedded SQLite store. Run after `cargo build --release`:
+# The quick start: one full replication, vCenter (or Azure) → S3 → EBS → AMI, against the
+# local emulators (tests/emulators/), on the embedded SQLite store. Run after
+# `cargo build --release`:
 #
-#   scripts/quickstart.sh
+#   scripts/quickstart.sh            # from the vCenter emulator
+#   scripts/quickstart.sh azure      # from the Azure double (a generation 2 VM)
 #
-# It starts the vCenter emulator (vcsim, extended) and the strict AWS emulator (moto), gives
-# a VM a small disk that boots Linux under UEFI (scripts/make-linux-image.sh), writes a config,
-# imports the vCenter catalog, creates a run-once replication job, runs it, and prints the
-# AMI id and the `rehost snapshot verify` result. Everything stays on 127.0.0.1; the
+# It starts the source's emulator (vcsim, extended; or the Azure double) and the strict AWS
+# emulator (moto), gives a VM a small disk that boots Linux under UEFI
+# (scripts/make-linux-image.sh), writes a config, imports the catalog, creates a run-once
+# replication job, runs it, and prints the AMI id and the `rehost snapshot verify` result,
+# then boots the AMI's snapshot read back from EBS. Everything stays on 127.0.0.1; the
 # emulators are stopped on exit. REHOST_BIN picks another binary; QUICKSTART_DIR keeps the
 # work folder (config, store, logs) somewhere you choose.
 set -euo pipefail
+kind=${1:-vsphere}
+case $kind in
+  vsphere | azure) ;;
+  *) echo "usage: $0 [vsphere|azure]" >&2; exit 2 ;;
+esac
 root=$(cd "$(dirname "$0")/.." && pwd)
 rehost=${REHOST_BIN:-$root/target/release/rehost}
 if [[ ! -x $rehost ]]; then
@@ -18,7 +26,7 @@ if [[ ! -x $rehost ]]; then
   exit 1
 fi
 emulators=${REHOST_EMULATOR_HOME:-/var/tmp/rehost-emulators}
-vm=DC0_H0_VM0
+if [[ $kind == vsphere ]]; then vm=DC0_H0_VM0; source=vc1; else vm=web01; source=az1; fi
 
 echo "== installing the emulators (first time only)"
 "$root/tests/emulators/install.sh" >/dev/null
@@ -45,20 +53,45 @@ wait_ready() {
   return 1
 }
 
-echo "== starting the vCenter emulator and the AWS emulator"
-"$root/tests/emulators/vcsim/start.sh" --dir "$work/vcsim" >"$work/vcsim.out" 2>"$work/vcsim.log" &
+echo "== starting the $kind emulator and the AWS emulator"
+if [[ $kind == vsphere ]]; then
+  "$root/tests/emulators/vcsim/start.sh" --dir "$work/vcsim" >"$work/vcsim.out" 2>"$work/vcsim.log" &
+else
+  python3 "$root/tests/emulators/azure/double.py" --state-dir "$work/azure" --port 0 --quiet \
+    >"$work/azure.out" 2>"$work/azure.log" &
+fi
 pids+=($!)
 "$emulators/moto-venv/bin/python" "$root/tests/emulators/moto/strict_moto.py" --port 0 \
   >"$work/moto.out" 2>"$work/moto.log" &
 pids+=($!)
-read -r _ sdk_url control <<<"$(wait_ready "$work/vcsim.out")"
-control=${control#control=}
+if [[ $kind == vsphere ]]; then
+  read -r _ sdk_url control <<<"$(wait_ready "$work/vcsim.out")"
+  control=${control#control=}
+else
+  read -r _ azure_url <<<"$(wait_ready "$work/azure.out")"
+fi
 read -r _ moto_port <<<"$(wait_ready "$work/moto.out")"
 endpoint="http://127.0.0.1:$moto_port"
 
 echo "== giving $vm a disk that boots Linux (UEFI)"
 "$root/scripts/make-linux-image.sh" "$work/disk.raw"
-curl -fsS -X POST "$control/_rehost/disk/load?vm=$vm&key=2000&path=$work/disk.raw" >/dev/null
+if [[ $kind == vsphere ]]; then
+  curl -fsS -X POST "$control/_rehost/disk/load?vm=$vm&key=2000&path=$work/disk.raw" >/dev/null
+else
+  # A generation 2 VM in the double's default subscription, its OS disk seeded with the image.
+  python3 - "$azure_url" "$vm" "$work/disk.raw" <<'PY'
+import json, os, sys, urllib.request
+url, vm, disk = sys.argv[1:]
+spec = {"subscription": "22222222-2222-2222-2222-222222222222", "resource_group": "quickstart-rg",
+        "name": vm, "location": "westeurope", "vm_size": "Standard_D2s_v3", "os_type": "Linux",
+        "hyper_v_generation": "V2", "power_state": "running",
+        "disks": [{"name": vm + "-os", "lun": None, "size_bytes": os.path.getsize(disk),
+                   "sku": "Premium_LRS", "seed_file": disk}]}
+request = urllib.request.Request(url + "/_double/vms", data=json.dumps(spec).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+urllib.request.urlopen(request).read()
+PY
+fi
 
 export AWS_ACCESS_KEY_ID=quickstart AWS_SECRET_ACCESS_KEY=quickstart AWS_REGION=us-east-1
 export AWS_EC2_METADATA_DISABLED=true
@@ -67,7 +100,8 @@ import sys, boto3
 boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1").create_bucket(Bucket="rehost-staging")
 PY
 
-cat >"$work/rehost.toml" <<TOML
+if [[ $kind == vsphere ]]; then
+  cat >"$work/rehost.toml" <<TOML
 [store]
 path = "rehost.db"
 
@@ -78,19 +112,40 @@ url = "$sdk_url"
 username = "user"
 password_env = "QUICKSTART_VC1_PASSWORD"
 ca_file = "$work/vcsim/certs/ca.pem"
+TOML
+  export QUICKSTART_VC1_PASSWORD=pass
+else
+  # The double's default identity (tests/emulators/azure/README.md).
+  cat >"$work/rehost.toml" <<TOML
+[store]
+path = "rehost.db"
+
+[[sources]]
+name = "az1"
+kind = "azure"
+tenant_id = "00000000-0000-0000-0000-0000000000aa"
+client_id = "11111111-1111-1111-1111-111111111111"
+client_secret_env = "QUICKSTART_AZ1_SECRET"
+subscription_id = "22222222-2222-2222-2222-222222222222"
+authority_url = "$azure_url"
+resource_manager_url = "$azure_url"
+TOML
+  export QUICKSTART_AZ1_SECRET=double-secret
+fi
+cat >>"$work/rehost.toml" <<TOML
 
 [aws]
 region = "us-east-1"
 endpoint_url = "$endpoint"
 staging_bucket = "rehost-staging"
 TOML
-export REHOST_CONFIG=$work/rehost.toml QUICKSTART_VC1_PASSWORD=pass
+export REHOST_CONFIG=$work/rehost.toml
 echo "   config: $REHOST_CONFIG"
 
 echo "== rehost config check"
 "$rehost" config check
-echo "== rehost servers import-catalog --source vc1"
-"$rehost" servers import-catalog --source vc1
+echo "== rehost servers import-catalog --source $source"
+"$rehost" servers import-catalog --source "$source"
 echo "== rehost jobs create --server $vm --run-once"
 job=$("$rehost" jobs create --server "$vm" --run-once --seed-time now --output json |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["replicationJobId"])')

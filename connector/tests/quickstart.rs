@@ -1,6 +1,7 @@
 //! The README's quick start, run as a newcomer runs it: `scripts/quickstart.sh` (with this
-//! build's binary) replicates a VM whose disk boots Linux from the vCenter emulator into the
-//! AWS emulator, verifies the AMI's snapshot against the disk, reads it back and boots it.
+//! build's binary) replicates a VM whose disk boots Linux from the vCenter emulator (or the
+//! Azure double) into the AWS emulator, verifies the AMI's snapshot against the disk, reads it
+//! back and boots it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
@@ -8,12 +9,22 @@ use std::process::Command;
 
 #[test]
 fn the_quick_start_replicates_a_vm_whose_ami_verifies_and_boots() {
+    quick_start(&[]);
+}
+
+#[test]
+fn the_azure_quick_start_replicates_a_generation_2_vm_whose_ami_verifies_and_boots() {
+    quick_start(&["azure"]);
+}
+
+fn quick_start(args: &[&str]) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_path_buf();
     let work = tempfile::tempdir().unwrap();
     let out = Command::new(root.join("scripts/quickstart.sh"))
+        .args(args)
         .env("REHOST_BIN", env!("CARGO_BIN_EXE_rehost"))
         .env("QUICKSTART_DIR", work.path())
         .output()
