@@ -371,13 +371,15 @@ impl Client {
 
     /// Starts a long-running operation and waits for it: the final status body of
     /// `Azure-AsyncOperation` (its `properties.output` holds a POST's result), or the last
-    /// answer of `Location` polling, or the first answer when it was synchronous.
+    /// answer of `Location` polling, or the first answer when it was synchronous. With
+    /// `want_result`, a result the status lacks is read from `Location`.
     pub async fn long_running(
         &self,
         method: Method,
         url: &str,
         body: Option<&Value>,
         operation: &str,
+        want_result: bool,
     ) -> Result<LongRunning> {
         let first = self.arm(method, url, body, operation).await?;
         let async_url = first.header("azure-asyncoperation");
@@ -412,11 +414,11 @@ impl Client {
                         // both places); ask there when the status has none.
                         let result = match (&location, status.pointer("/properties/output")) {
                             (_, Some(output)) => Some(output.clone()),
-                            (Some(location), None) => {
+                            (Some(location), None) if want_result => {
                                 let last = self.arm(Method::GET, location, None, operation).await?;
                                 Some(last.json(operation)?)
                             }
-                            (None, None) => None,
+                            _ => None,
                         };
                         return Ok(LongRunning {
                             status,

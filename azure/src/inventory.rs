@@ -44,23 +44,7 @@ pub struct ManagedDisk {
 impl Client {
     /// Every VM the source covers: the configured resource groups', or the subscription's.
     pub async fn list_vms(&self) -> Result<Vec<AzureVm>> {
-        let sub = self.subscription_path();
-        let mut raw = Vec::new();
-        let groups = self.options().resource_groups.clone();
-        if groups.is_empty() {
-            let path = format!("{sub}/providers/Microsoft.Compute/virtualMachines");
-            raw = self.list(&path, api::COMPUTE_VMS, "listing VMs").await?;
-        } else {
-            for group in groups {
-                let path = format!(
-                    "{sub}/resourceGroups/{group}/providers/Microsoft.Compute/virtualMachines"
-                );
-                raw.extend(
-                    self.list(&path, api::COMPUTE_VMS, &format!("listing VMs of {group}"))
-                        .await?,
-                );
-            }
-        }
+        let raw = self.list_raw_vms().await?;
         let mut sizes: HashMap<String, HashMap<String, (u32, u64)>> = HashMap::new();
         let mut vms = Vec::with_capacity(raw.len());
         for vm in raw {
@@ -69,19 +53,46 @@ impl Client {
         Ok(vms)
     }
 
-    /// The VM named `query`: its `vmId`, name or resource id.
+    /// The VMs as Resource Manager lists them, without their instance views and disks.
+    async fn list_raw_vms(&self) -> Result<Vec<Value>> {
+        let sub = self.subscription_path();
+        let groups = self.options().resource_groups.clone();
+        if groups.is_empty() {
+            let path = format!("{sub}/providers/Microsoft.Compute/virtualMachines");
+            return self.list(&path, api::COMPUTE_VMS, "listing VMs").await;
+        }
+        let mut raw = Vec::new();
+        for group in groups {
+            let path =
+                format!("{sub}/resourceGroups/{group}/providers/Microsoft.Compute/virtualMachines");
+            raw.extend(
+                self.list(&path, api::COMPUTE_VMS, &format!("listing VMs of {group}"))
+                    .await?,
+            );
+        }
+        Ok(raw)
+    }
+
+    /// The VM named `query`: its `vmId`, name or resource id. Only the match is described
+    /// (instance view, size, disks): a subscription may hold thousands of VMs.
     pub async fn find_vm(&self, query: &str) -> Result<AzureVm> {
-        let vms = self.list_vms().await?;
-        let matches: Vec<&AzureVm> = vms
+        let raw = self.list_raw_vms().await?;
+        let text = |vm: &Value, pointer: &str| {
+            vm.pointer(pointer)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
+        let matches: Vec<&Value> = raw
             .iter()
             .filter(|vm| {
-                vm.info.id.0.eq_ignore_ascii_case(query)
-                    || vm.resource_id.eq_ignore_ascii_case(query)
-                    || vm.info.name == query
+                text(vm, "/properties/vmId").eq_ignore_ascii_case(query)
+                    || text(vm, "/id").eq_ignore_ascii_case(query)
+                    || text(vm, "/name") == query
             })
             .collect();
         match matches.as_slice() {
-            [one] => Ok((*one).clone()),
+            [one] => self.describe_vm(one, &mut HashMap::new()).await,
             [] => Err(Error::NotFound(format!(
                 "no VM named or with id {query:?} in subscription {}{}",
                 self.options().subscription_id,
@@ -91,7 +102,7 @@ impl Client {
                 "{} VMs are named {query:?} ({}); use the VM id",
                 many.len(),
                 many.iter()
-                    .map(|vm| vm.resource_id.as_str())
+                    .map(|vm| text(vm, "/id"))
                     .collect::<Vec<_>>()
                     .join(", ")
             ))),

@@ -124,6 +124,7 @@ impl AzureSource {
                     &url,
                     Some(&body),
                     &format!("creating snapshot {name} of disk {}", disk.name),
+                    false,
                 )
                 .await;
             if let Err(err) = created {
@@ -161,6 +162,7 @@ impl AzureSource {
                 &url,
                 Some(&body),
                 &format!("granting read access to {}", short(snapshot_id)),
+                true,
             )
             .await?;
         done.result
@@ -186,6 +188,7 @@ impl AzureSource {
                 &url,
                 None,
                 &format!("revoking read access to {}", short(snapshot_id)),
+                false,
             )
             .await
         {
@@ -215,9 +218,29 @@ impl AzureSource {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Deletes a snapshot (revoking access first); one that is gone already is success.
+    /// Deletes a snapshot; one that is gone already is success. A snapshot with an active
+    /// SAS (ours, or one a crashed connector left) cannot be deleted: its access is revoked
+    /// and the delete tried again.
     pub async fn delete_snapshot(&self, snapshot_id: &str) -> Result<()> {
-        self.revoke_access(snapshot_id).await?;
+        if self.has_granted(snapshot_id) {
+            self.revoke_access(snapshot_id).await?;
+        }
+        match self.delete_once(snapshot_id).await {
+            Err(e) if e.status() == Some(409) => {
+                self.revoke_access(snapshot_id).await?;
+                self.delete_once(snapshot_id).await
+            }
+            other => other,
+        }
+    }
+
+    fn has_granted(&self, snapshot_id: &str) -> bool {
+        self.granted
+            .lock()
+            .map_or(true, |g| g.contains(snapshot_id))
+    }
+
+    async fn delete_once(&self, snapshot_id: &str) -> Result<()> {
         let url = self.client.arm_url(snapshot_id, api::COMPUTE_DISKS);
         match self
             .client
@@ -226,6 +249,7 @@ impl AzureSource {
                 &url,
                 None,
                 &format!("deleting snapshot {}", short(snapshot_id)),
+                false,
             )
             .await
         {
