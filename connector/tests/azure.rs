@@ -373,6 +373,64 @@ fn a_failure_mid_read_revokes_access_and_deletes_the_new_snapshots() {
 }
 
 #[test]
+fn cleanup_removes_what_an_export_killed_mid_read_left() {
+    let world = World::start(&["--retry-after", "0"], false);
+    world.vm("web1", 32 * MIB, "V2");
+    // The first ranged GET of disk data is answered "busy, retry in 30 s": the export sits
+    // there, its snapshot made and its SAS active, when it is killed.
+    world.az.faults(&json!([{
+        "match": {"method": "GET", "path_regex": "^/_blob/", "query_contains": null},
+        "status": 503, "times": 1, "retry_after": 30,
+        "body": null
+    }]));
+    let to = world.dir.path().join("exports");
+    let mut child = world
+        .command(&[
+            "export",
+            "--source",
+            "az1",
+            "--vm",
+            "web1",
+            "--to",
+            to.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !world
+        .az
+        .requests()
+        .iter()
+        .any(|r| r["kind"] == "blob" && r["status"] == 503)
+    {
+        assert!(Instant::now() < deadline, "the export never read the disk");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL: nothing of rehost's runs after this
+    child.wait().unwrap();
+    let left = world.snapshots();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(
+        left[0].1,
+        "the killed export's SAS should still be active: {left:?}"
+    );
+
+    world.az.clear_faults();
+    let cleanup = world.json_ok(&["export", "--source", "az1", "--cleanup", "--output", "json"]);
+    assert_eq!(
+        cleanup["removed"].as_array().map(Vec::len),
+        Some(1),
+        "{cleanup}"
+    );
+    assert!(world.snapshots().is_empty(), "{:?}", world.snapshots());
+    // Nothing left for a second pass.
+    let again = world.json_ok(&["export", "--source", "az1", "--cleanup", "--output", "json"]);
+    assert_eq!(again["removed"], json!([]), "{again}");
+}
+
+#[test]
 fn a_wrong_secret_a_missing_permission_and_throttling() {
     let mut world = World::start(&["--retry-after", "0"], false);
     world.vm("web1", 32 * MIB, "V2");
