@@ -16,11 +16,11 @@ use rehost_core::{ChangeToken, SnapshotOptions, SnapshotRef, Source};
 use rehost_importer::aws::Clients;
 
 use super::disk::{self, ImageFormat};
-use super::manifest::{self, DiskEntry, ExportKind, Manifest, SourceEntry, VmEntry};
+use super::manifest::{Manifest, SourceEntry};
 use super::target::{self, Target};
 use super::{
-    Base, ExportRequest, Exported, SNAPSHOT_MARKER, SNAPSHOT_PREFIX, file_safe, new_export_id,
-    now_rfc3339,
+    Base, ExportRequest, Exported, ManifestHead, SNAPSHOT_MARKER, SNAPSHOT_PREFIX, disk_entry,
+    file_safe, new_export_id, write_manifest,
 };
 use crate::store::SharedStore;
 
@@ -273,72 +273,38 @@ impl AzureExport<'_> {
             let written = disk::write(job, read).await.with_context(|| {
                 format!("exporting disk {} ({}) of {}", disk.id, disk.label, vm.name)
             })?;
-            let block_list = format!("{stem}-disk-{}.blocks", disk.id);
-            let list = self
-                .target
-                .put(&block_list, manifest::encode_block_list(&written.digests))
-                .await?;
-            let unique_id = match &written.id {
-                rehost_diskimage::ImageId::VhdUniqueId(id) => hex::encode(id),
-                other => bail!("{image}: expected a VHD unique id, read {other:?}"),
-            };
-            disks.push(DiskEntry {
-                key: disk.id.0.clone(),
-                label: disk.label.clone(),
-                capacity_bytes: written.capacity_bytes,
-                change_id: Some(written.token.0.clone()),
-                since_change_id: since.map(|t| t.0),
-                image,
-                image_format: ImageFormat::VhdDynamic.name().to_owned(),
-                image_bytes: written.image.bytes,
-                image_sha256: written.image.sha256,
-                image_cid: 0,
-                image_unique_id: Some(unique_id),
-                parent_image: base_entry.map(|e| e.image.clone()),
-                data_bytes: written.data_bytes,
-                block_list,
-                content_sha256: list.sha256,
-                disk_sha256: written.disk_sha256,
-            });
+            let change_id = Some(written.token.0.clone());
+            disks.push(
+                disk_entry(
+                    self.target,
+                    disk,
+                    image,
+                    ImageFormat::VhdDynamic,
+                    written,
+                    change_id,
+                    since.map(|t| t.0),
+                    base_entry,
+                )
+                .await?,
+            );
         }
-        let manifest = Manifest {
-            format: manifest::FORMAT.to_owned(),
-            export_id: self.export_id.to_owned(),
-            created_at: now_rfc3339(),
-            source: SourceEntry {
-                name: self.request.source.name.clone(),
-                kind: self.request.source.kind.to_string(),
-                url: self.request.source.endpoint(),
+        write_manifest(
+            self.target,
+            &stem,
+            ManifestHead {
+                export_id: self.export_id,
+                snapshot_name: self.snapshot_name,
+                source: SourceEntry {
+                    name: self.request.source.name.clone(),
+                    kind: self.request.source.kind.to_string(),
+                    url: self.request.source.endpoint(),
+                },
+                vm,
+                base: self.base,
             },
-            vm: VmEntry {
-                id: vm.id.0.clone(),
-                name: vm.name.clone(),
-                path: vm.path.clone(),
-                firmware: vm.firmware,
-                guest_os: vm.guest_os.clone(),
-                cpus: vm.cpus,
-                memory_mib: vm.memory_mib,
-            },
-            snapshot_name: self.snapshot_name.to_owned(),
-            kind: if self.base.is_some() {
-                ExportKind::Incremental
-            } else {
-                ExportKind::Full
-            },
-            parent_manifest: self.base.map(|b| {
-                b.location
-                    .rsplit('/')
-                    .next()
-                    .unwrap_or(&b.location)
-                    .to_owned()
-            }),
             disks,
-        };
-        let name = format!("{stem}.manifest.json");
-        self.target
-            .put(&name, serde_json::to_vec_pretty(&manifest)?)
-            .await?;
-        Ok((self.target.location(&name), manifest))
+        )
+        .await
     }
 
     fn on_data(&self) -> Option<Arc<dyn Fn(u64) + Send + Sync>> {

@@ -773,72 +773,130 @@ impl ExportJob<'_> {
         since_change_id: Option<String>,
         base_entry: Option<&DiskEntry>,
     ) -> Result<DiskEntry> {
-        let block_list = format!("{}-disk{}.blocks", self.stem(), disk.id);
-        let list = self
-            .target
-            .put(&block_list, manifest::encode_block_list(&written.digests))
-            .await?;
-        Ok(DiskEntry {
-            key: disk.id.0.clone(),
-            label: disk.label.clone(),
-            capacity_bytes: written.capacity_bytes,
+        disk_entry(
+            self.target,
+            disk,
+            image,
+            disk::ImageFormat::VmdkStream,
+            written,
             change_id,
             since_change_id,
-            image,
-            image_format: disk::ImageFormat::VmdkStream.name().to_owned(),
-            image_bytes: written.image.bytes,
-            image_sha256: written.image.sha256,
-            image_cid: match written.id {
-                rehost_diskimage::ImageId::VmdkCid(cid) => cid,
-                _ => 0,
-            },
-            image_unique_id: None,
-            parent_image: base_entry.map(|e| e.image.clone()),
-            data_bytes: written.data_bytes,
-            block_list,
-            content_sha256: list.sha256,
-            disk_sha256: written.disk_sha256,
-        })
+            base_entry,
+        )
+        .await
     }
 
     async fn finish(&self, disks: Vec<DiskEntry>) -> Result<(String, Manifest)> {
-        let vm = &self.found.info;
-        let stem = self.stem();
-        let manifest = Manifest {
-            format: manifest::FORMAT.to_owned(),
-            export_id: self.export_id.to_owned(),
-            created_at: now_rfc3339(),
-            source: self.source_config.clone(),
-            vm: VmEntry {
-                id: vm.id.0.clone(),
-                name: vm.name.clone(),
-                path: vm.path.clone(),
-                firmware: vm.firmware,
-                guest_os: vm.guest_os.clone(),
-                cpus: vm.cpus,
-                memory_mib: vm.memory_mib,
+        write_manifest(
+            self.target,
+            &self.stem(),
+            ManifestHead {
+                export_id: self.export_id,
+                snapshot_name: self.snapshot_name,
+                source: self.source_config.clone(),
+                vm: &self.found.info,
+                base: self.base,
             },
-            snapshot_name: self.snapshot_name.to_owned(),
-            kind: if self.base.is_some() {
-                ExportKind::Incremental
-            } else {
-                ExportKind::Full
-            },
-            parent_manifest: self.base.map(|b| {
-                b.location
-                    .rsplit('/')
-                    .next()
-                    .unwrap_or(&b.location)
-                    .to_owned()
-            }),
             disks,
-        };
-        let name = format!("{stem}.manifest.json");
-        self.target
-            .put(&name, serde_json::to_vec_pretty(&manifest)?)
-            .await?;
-        Ok((self.target.location(&name), manifest))
+        )
+        .await
     }
+}
+
+/// One disk's manifest entry; writes its block list beside the image (`<image>.blocks`,
+/// the extension replaced).
+#[allow(clippy::too_many_arguments)]
+async fn disk_entry(
+    target: &Target,
+    disk: &rehost_core::DiskInfo,
+    image: String,
+    format: disk::ImageFormat,
+    written: disk::DiskWritten,
+    change_id: Option<String>,
+    since_change_id: Option<String>,
+    base_entry: Option<&DiskEntry>,
+) -> Result<DiskEntry> {
+    let stem = image.rsplit_once('.').map_or(image.as_str(), |(s, _)| s);
+    let block_list = format!("{stem}.blocks");
+    let list = target
+        .put(&block_list, manifest::encode_block_list(&written.digests))
+        .await?;
+    let (image_cid, image_unique_id) = match &written.id {
+        rehost_diskimage::ImageId::VmdkCid(cid) => (*cid, None),
+        rehost_diskimage::ImageId::VhdUniqueId(id) => (0, Some(hex::encode(id))),
+        other => bail!("{image}: an image id of {other:?} is not one an export writes"),
+    };
+    Ok(DiskEntry {
+        key: disk.id.0.clone(),
+        label: disk.label.clone(),
+        capacity_bytes: written.capacity_bytes,
+        change_id,
+        since_change_id,
+        image,
+        image_format: format.name().to_owned(),
+        image_bytes: written.image.bytes,
+        image_sha256: written.image.sha256,
+        image_cid,
+        image_unique_id,
+        parent_image: base_entry.map(|e| e.image.clone()),
+        data_bytes: written.data_bytes,
+        block_list,
+        content_sha256: list.sha256,
+        disk_sha256: written.disk_sha256,
+    })
+}
+
+/// What a manifest says besides its disks.
+struct ManifestHead<'a> {
+    export_id: &'a str,
+    snapshot_name: &'a str,
+    source: SourceEntry,
+    vm: &'a VmInfo,
+    base: Option<&'a Base>,
+}
+
+/// Writes `<stem>.manifest.json` to the target; answers where, and the manifest.
+async fn write_manifest(
+    target: &Target,
+    stem: &str,
+    head: ManifestHead<'_>,
+    disks: Vec<DiskEntry>,
+) -> Result<(String, Manifest)> {
+    let vm = head.vm;
+    let manifest = Manifest {
+        format: manifest::FORMAT.to_owned(),
+        export_id: head.export_id.to_owned(),
+        created_at: now_rfc3339(),
+        source: head.source,
+        vm: VmEntry {
+            id: vm.id.0.clone(),
+            name: vm.name.clone(),
+            path: vm.path.clone(),
+            firmware: vm.firmware,
+            guest_os: vm.guest_os.clone(),
+            cpus: vm.cpus,
+            memory_mib: vm.memory_mib,
+        },
+        snapshot_name: head.snapshot_name.to_owned(),
+        kind: if head.base.is_some() {
+            ExportKind::Incremental
+        } else {
+            ExportKind::Full
+        },
+        parent_manifest: head.base.map(|b| {
+            b.location
+                .rsplit('/')
+                .next()
+                .unwrap_or(&b.location)
+                .to_owned()
+        }),
+        disks,
+    };
+    let name = format!("{stem}.manifest.json");
+    target
+        .put(&name, serde_json::to_vec_pretty(&manifest)?)
+        .await?;
+    Ok((target.location(&name), manifest))
 }
 
 /// Removes the export's snapshot and closes its ledger entry; on failure the entry stays
@@ -921,6 +979,31 @@ struct CleanupReport {
     failed: Vec<String>,
 }
 
+impl CleanupReport {
+    /// Prints the report (`nothing` when there was nothing to do); exit 1 if anything failed.
+    fn print(&self, output: OutputMode, nothing: &str) -> Result<ExitCode> {
+        match output {
+            OutputMode::Json => print_json(self)?,
+            OutputMode::Table => {
+                for r in &self.removed {
+                    println!("removed {r}");
+                }
+                for f in &self.failed {
+                    println!("FAILED {f}");
+                }
+                if self.removed.is_empty() && self.failed.is_empty() {
+                    println!("{nothing}");
+                }
+            }
+        }
+        Ok(if self.failed.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    }
+}
+
 /// `rehost export --cleanup`.
 async fn cleanup(
     store: &Store,
@@ -974,25 +1057,10 @@ async fn cleanup(
             store.snapshot_removed(entry.id)?;
         }
     }
-    match output {
-        OutputMode::Json => print_json(&report)?,
-        OutputMode::Table => {
-            for r in &report.removed {
-                println!("removed {r}");
-            }
-            for f in &report.failed {
-                println!("FAILED {f}");
-            }
-            if report.removed.is_empty() && report.failed.is_empty() {
-                println!("no rehost snapshot left on {} VM(s)", vms.len());
-            }
-        }
-    }
-    Ok(if report.failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    report.print(
+        output,
+        &format!("no rehost snapshot left on {} VM(s)", vms.len()),
+    )
 }
 
 /// `rehost export --cleanup` of an Azure source: the snapshot sets the ledger still holds
@@ -1032,25 +1100,7 @@ async fn cleanup_azure(
             report.removed.push(label);
         }
     }
-    match output {
-        OutputMode::Json => print_json(&report)?,
-        OutputMode::Table => {
-            for r in &report.removed {
-                println!("removed {r}");
-            }
-            for f in &report.failed {
-                println!("FAILED {f}");
-            }
-            if report.removed.is_empty() && report.failed.is_empty() {
-                println!("no rehost snapshot left behind");
-            }
-        }
-    }
-    Ok(if report.failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    report.print(output, "no rehost snapshot left behind")
 }
 
 /// `20261125T160102Z-1a2b3c`: sortable, unique enough for one VM's exports.
