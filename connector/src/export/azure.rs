@@ -12,14 +12,14 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use rehost_azure::AzureSource;
 use rehost_azure::inventory::AzureVm;
-use rehost_core::{ChangeToken, SnapshotOptions, SnapshotRef, Source};
+use rehost_core::{SnapshotOptions, SnapshotRef, Source};
 use rehost_importer::aws::Clients;
 
 use super::disk::{self, ImageFormat};
 use super::manifest::{Manifest, SourceEntry};
-use super::target::{self, Target};
+use super::target::Target;
 use super::{
-    Base, ExportRequest, Exported, ManifestHead, SNAPSHOT_MARKER, SNAPSHOT_PREFIX, disk_entry,
+    Base, ExportRequest, Exported, ManifestHead, SNAPSHOT_MARKER, SNAPSHOT_PREFIX, export_disk,
     file_safe, new_export_id, write_manifest,
 };
 use crate::store::SharedStore;
@@ -219,71 +219,27 @@ impl AzureExport<'_> {
         let stem = self.stem();
         let mut disks = Vec::new();
         for disk in vm.disks.iter().filter(|d| d.unsupported.is_none()) {
-            let base_entry = match self.base {
-                Some(base) => Some(base.manifest.disk(&disk.id.0).with_context(|| {
-                    format!(
-                        "disk {} ({}) is not in the base export {}: it was added since; run a full export",
-                        disk.id, disk.label, base.location
-                    )
-                })?),
-                None => None,
-            };
-            let since = match base_entry {
-                Some(entry) => Some(ChangeToken(entry.change_id.clone().with_context(|| {
-                    format!("disk {} has no snapshot id in the base export", disk.id)
-                })?)),
-                None => None,
-            };
-            let read = self
-                .azure
-                .read_disk(snapshot, &disk.id, since.as_ref())
-                .await
-                .with_context(|| {
-                    format!("reading disk {} ({}) of {}", disk.id, disk.label, vm.name)
-                })?;
-            let parent = match (self.base, base_entry) {
-                (Some(base), Some(entry)) => {
-                    if entry.capacity_bytes != read.capacity_bytes {
-                        bail!(
-                            "disk {} was {} bytes in the base export and is {} now: a resized disk needs a full export",
-                            disk.id,
-                            entry.capacity_bytes,
-                            read.capacity_bytes
-                        );
-                    }
-                    Some(disk::Parent {
-                        entry: entry.clone(),
-                        location: target::sibling(&base.location, &entry.image),
-                        digests: base.block_list(entry).await?,
-                    })
-                }
-                _ => None,
-            };
             let image = format!("{stem}-disk-{}.vhd", disk.id);
-            let job = disk::DiskJob {
-                target: self.target.clone(),
-                image: image.clone(),
-                format: ImageFormat::VhdDynamic,
-                label: format!("disk {}", disk.id),
-                parent,
-                quiet: self.request.quiet,
-                on_data: self.on_data(),
-                handle: self.handle.clone(),
-            };
-            let written = disk::write(job, read).await.with_context(|| {
-                format!("exporting disk {} ({}) of {}", disk.id, disk.label, vm.name)
-            })?;
-            let change_id = Some(written.token.0.clone());
             disks.push(
-                disk_entry(
-                    self.target,
+                export_disk(
+                    self.azure,
+                    snapshot,
+                    &vm.name,
                     disk,
-                    image,
+                    self.base,
+                    self.target,
+                    image.clone(),
                     ImageFormat::VhdDynamic,
-                    written,
-                    change_id,
-                    since.map(|t| t.0),
-                    base_entry,
+                    |parent| disk::DiskJob {
+                        target: self.target.clone(),
+                        image: image.clone(),
+                        format: ImageFormat::VhdDynamic,
+                        label: format!("disk {}", disk.id),
+                        parent,
+                        quiet: self.request.quiet,
+                        on_data: self.on_data(),
+                        handle: self.handle.clone(),
+                    },
                 )
                 .await?,
             );

@@ -594,63 +594,18 @@ impl ExportJob<'_> {
         let stem = self.stem();
         let mut disks = Vec::new();
         for disk in &vm.disks {
-            let base_entry = match self.base {
-                Some(base) => Some(base.manifest.disk(&disk.id.0).with_context(|| {
-                    format!(
-                        "disk {} ({}) is not in the base export {}: it was added since; run a full export",
-                        disk.id, disk.label, base.location
-                    )
-                })?),
-                None => None,
-            };
-            let since = match base_entry {
-                Some(entry) => Some(ChangeToken(entry.change_id.clone().with_context(|| {
-                    format!(
-                        "disk {} has no changeId in the base export (changed-block tracking was off); run a full export",
-                        disk.id
-                    )
-                })?)),
-                None => None,
-            };
-            let read = source
-                .read_disk(snapshot, &disk.id, since.as_ref())
-                .await
-                .with_context(|| {
-                    format!("reading disk {} ({}) of {}", disk.id, disk.label, vm.name)
-                })?;
-            let parent = match (self.base, base_entry) {
-                (Some(base), Some(entry)) => {
-                    if entry.capacity_bytes != read.capacity_bytes {
-                        bail!(
-                            "disk {} was {} bytes in the base export and is {} now: a resized disk needs a full export",
-                            disk.id,
-                            entry.capacity_bytes,
-                            read.capacity_bytes
-                        );
-                    }
-                    Some(disk::Parent {
-                        entry: entry.clone(),
-                        location: target::sibling(&base.location, &entry.image),
-                        digests: base.block_list(entry).await?,
-                    })
-                }
-                _ => None,
-            };
             let image = format!("{stem}-disk{}.vmdk", disk.id);
-            let written = disk::write(self.disk_job(&image, disk, parent), read)
-                .await
-                .with_context(|| {
-                    format!("exporting disk {} ({}) of {}", disk.id, disk.label, vm.name)
-                })?;
-            let change_id = Some(written.token.0.clone());
             disks.push(
-                self.disk_entry(
+                export_disk(
+                    source,
+                    snapshot,
+                    &vm.name,
                     disk,
-                    image,
-                    written,
-                    change_id,
-                    since.map(|t| t.0),
-                    base_entry,
+                    self.base,
+                    self.target,
+                    image.clone(),
+                    disk::ImageFormat::VmdkStream,
+                    |parent| self.disk_job(&image, disk, parent),
                 )
                 .await?,
             );
@@ -801,6 +756,78 @@ impl ExportJob<'_> {
         )
         .await
     }
+}
+
+/// Exports one disk of a snapshot through any source: every allocated area, or with a base
+/// the changes since the base's change token, written by the job `make_job` makes (a delta
+/// of the base's image when there is a base); answers the disk's manifest entry.
+#[allow(clippy::too_many_arguments)]
+async fn export_disk<S: Source>(
+    source: &S,
+    snapshot: &SnapshotRef,
+    vm_name: &str,
+    disk: &rehost_core::DiskInfo,
+    base: Option<&Base>,
+    target: &Target,
+    image: String,
+    format: disk::ImageFormat,
+    make_job: impl FnOnce(Option<disk::Parent>) -> disk::DiskJob,
+) -> Result<DiskEntry> {
+    let base_entry = match base {
+        Some(base) => Some(base.manifest.disk(&disk.id.0).with_context(|| {
+            format!(
+                "disk {} ({}) is not in the base export {}: it was added since; run a full export",
+                disk.id, disk.label, base.location
+            )
+        })?),
+        None => None,
+    };
+    let since = match base_entry {
+        Some(entry) => Some(ChangeToken(entry.change_id.clone().with_context(|| {
+            format!(
+                "disk {} has no change token in the base export (on vSphere: changed-block tracking was off); run a full export",
+                disk.id
+            )
+        })?)),
+        None => None,
+    };
+    let read = source
+        .read_disk(snapshot, &disk.id, since.as_ref())
+        .await
+        .with_context(|| format!("reading disk {} ({}) of {vm_name}", disk.id, disk.label))?;
+    let parent = match (base, base_entry) {
+        (Some(base), Some(entry)) => {
+            if entry.capacity_bytes != read.capacity_bytes {
+                bail!(
+                    "disk {} was {} bytes in the base export and is {} now: a resized disk needs a full export",
+                    disk.id,
+                    entry.capacity_bytes,
+                    read.capacity_bytes
+                );
+            }
+            Some(disk::Parent {
+                entry: entry.clone(),
+                location: target::sibling(&base.location, &entry.image),
+                digests: base.block_list(entry).await?,
+            })
+        }
+        _ => None,
+    };
+    let written = disk::write(make_job(parent), read)
+        .await
+        .with_context(|| format!("exporting disk {} ({}) of {vm_name}", disk.id, disk.label))?;
+    let change_id = Some(written.token.0.clone());
+    disk_entry(
+        target,
+        disk,
+        image,
+        format,
+        written,
+        change_id,
+        since.map(|t| t.0),
+        base_entry,
+    )
+    .await
 }
 
 /// One disk's manifest entry; writes its block list beside the image (`<image>.blocks`,
