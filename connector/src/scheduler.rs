@@ -348,7 +348,8 @@ impl Loop {
     }
 
     /// A job being deleted: its run (if any) is cancelled; once none is open, its AMIs are
-    /// deregistered unless it keeps them, and it becomes DELETED.
+    /// deregistered unless it keeps them, the snapshots its source keeps as the next run's
+    /// base (Azure) are deleted, and it becomes DELETED.
     async fn continue_delete(
         &mut self,
         job: &crate::jobs::model::Job,
@@ -382,6 +383,9 @@ impl Loop {
                     .with(|s| Ok(s.mark_run_ami_deleted(&run, Timestamp::now())?))?;
             }
         }
+        pipeline::release_source_bases(&self.config, &self.store, job)
+            .await
+            .with_context(|| format!("deleting the source snapshots job {} kept", job.id))?;
         self.store
             .with(|s| Ok(s.finish_delete(&job.id, Timestamp::now())?))?;
         tracing::info!(job = %job.id, "job deleted");

@@ -58,7 +58,7 @@ resource_manager_url = "{url}"
         );
         if let Some(aws) = &aws {
             text.push_str(&format!(
-                "\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\nstaging_bucket = \"staging\"\n",
+                "\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\nstaging_bucket = \"staging\"\n\n[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"REHOST_TEST_API_TOKEN\"\n",
                 aws.endpoint
             ));
             let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -83,6 +83,7 @@ resource_manager_url = "{url}"
         cmd.args(args)
             .env("REHOST_CONFIG", &self.config)
             .env("REHOST_TEST_AZ1_SECRET", &self.secret)
+            .env("REHOST_TEST_API_TOKEN", "test-token-0123456789abcdef")
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("AWS_REGION", "us-east-1")
@@ -611,4 +612,28 @@ fn a_job_runs_twice_to_two_verified_amis() {
     let snapshots = world.snapshots();
     assert_eq!(snapshots.len(), 1, "{snapshots:?}");
     assert!(!snapshots[0].1);
+
+    // Deleting the job (carried out by the connector) deletes the base it kept, too.
+    world.json_ok(&["jobs", "delete", &job, "--keep-amis", "--output", "json"]);
+    let mut serve = world
+        .command(&["serve"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let shown = world.json_ok(&["jobs", "show", &job, "--output", "json"]);
+        if shown["replicationJob"]["state"] == "DELETED" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job was never deleted: {shown}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(world.snapshots().is_empty(), "{:?}", world.snapshots());
 }

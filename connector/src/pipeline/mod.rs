@@ -196,6 +196,30 @@ async fn retire_azure_base(ctx: &RunContext, job: &Job, manifest: &export::manif
     }
 }
 
+/// A deleted job's source-side state: an Azure job keeps its last run's disk snapshots as
+/// the next run's base; with no next run they go. Nothing to do for vSphere (its snapshots
+/// never outlive a run). A snapshot already gone is fine.
+pub async fn release_source_bases(config: &Config, store: &SharedStore, job: &Job) -> Result<()> {
+    let source = config.source(&job.source)?;
+    if source.kind != SourceKind::Azure {
+        return Ok(());
+    }
+    let lineage = store.with(|s| s.lineage(&job.id))?;
+    let snapshots: Vec<&str> = lineage
+        .iter()
+        .filter_map(|l| l.last_change_id.as_deref())
+        .collect();
+    if snapshots.is_empty() {
+        return Ok(());
+    }
+    let azure = crate::sources::connect_azure(config, source)?;
+    for snapshot in snapshots {
+        azure.delete_snapshot(snapshot).await?;
+        tracing::info!(job = %job.id, snapshot, "deleted the base snapshot the job kept");
+    }
+    Ok(())
+}
+
 /// Azure: a failed run's kept snapshots (its export succeeded, a later step failed) are no
 /// one's base: deleted, unless the lineage names them.
 async fn discard_azure_snapshots(ctx: &RunContext, run: &Run) {
