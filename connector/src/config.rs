@@ -102,6 +102,10 @@ pub struct ApiConfig {
     token: Option<toml::Value>,
     /// Job-state changes are POSTed here as JSON events.
     pub webhook_url: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM); relative to the config file.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -112,6 +116,8 @@ impl Default for ApiConfig {
             token_file: None,
             token: None,
             webhook_url: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -327,6 +333,9 @@ impl Config {
         }
         if self.api.token_env.is_some() && self.api.token_file.is_some() {
             bail!("[api]: set only one of `token_env` and `token_file`");
+        }
+        if self.api.tls_cert_file.is_some() != self.api.tls_key_file.is_some() {
+            bail!("[api]: set both `tls_cert_file` and `tls_key_file` (HTTPS), or neither (HTTP)");
         }
         if let Some(url) = &self.api.webhook_url
             && !(url.starts_with("https://") || url.starts_with("http://"))

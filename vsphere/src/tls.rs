@@ -32,8 +32,9 @@ pub enum Tls {
 }
 
 /// The rustls configuration for `tls`, or `None` for the system's roots (reqwest's own
-/// platform verifier).
-pub(crate) fn client_config(tls: &Tls) -> Result<Option<rustls::ClientConfig>> {
+/// platform verifier). Also what `rehost jobs --api` uses to trust an appliance's
+/// self-signed certificate by its thumbprint.
+pub fn client_config(tls: &Tls) -> Result<Option<rustls::ClientConfig>> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

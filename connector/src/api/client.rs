@@ -28,16 +28,22 @@ impl std::fmt::Debug for ApiClient {
 }
 
 impl ApiClient {
-    /// A client of the API at `base_url` (`http://127.0.0.1:8080`).
-    pub fn new(base_url: &str, token: String) -> Result<ApiClient> {
+    /// A client of the API at `base_url` (`http://127.0.0.1:8080`), trusting an https://
+    /// server's certificate as `tls` says (a pinned thumbprint for an appliance's
+    /// self-signed one).
+    pub fn new(base_url: &str, token: String, tls: &rehost_vsphere::Tls) -> Result<ApiClient> {
         if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
             bail!("--api must be an http(s):// URL, got {base_url:?}");
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("rehost/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("building the HTTP client")?;
+            .user_agent(concat!("rehost/", env!("CARGO_PKG_VERSION")));
+        if let Some(config) =
+            rehost_vsphere::tls::client_config(tls).context("the API's TLS settings")?
+        {
+            builder = builder.tls_backend_preconfigured(config);
+        }
+        let http = builder.build().context("building the HTTP client")?;
         Ok(ApiClient {
             base_url: base_url.trim_end_matches('/').to_owned(),
             token,

@@ -14,6 +14,7 @@ pub mod requests;
 pub mod responses;
 pub mod routes;
 pub mod service;
+pub mod tls;
 pub mod webhook;
 
 use std::path::PathBuf;
@@ -93,13 +94,31 @@ async fn serve(config: Config, token: ApiToken) -> Result<()> {
         token,
     );
 
-    tracing::info!(%address, store = %store_path.display(), webhook = config.api.webhook_url.is_some(), "serving the API");
+    let tls = match (&config.api.tls_cert_file, &config.api.tls_key_file) {
+        (Some(cert), Some(key)) => Some(tls::load(&config.resolve(cert), &config.resolve(key))?),
+        _ => None,
+    };
+    tracing::info!(%address, store = %store_path.display(), webhook = config.api.webhook_url.is_some(), https = tls.is_some(), "serving the API");
     // One line on stderr that people and tests read to find the port (`listen = "…:0"`).
-    eprintln!("listening on http://{address}");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving the API")?;
+    match tls {
+        Some(tls) => {
+            eprintln!(
+                "listening on https://{address} (certificate SHA-256 {})",
+                tls.thumbprint
+            );
+            axum::serve(tls::TlsListener::new(listener, tls.config)?, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+                .context("serving the API")?;
+        }
+        None => {
+            eprintln!("listening on http://{address}");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+                .context("serving the API")?;
+        }
+    }
 
     // The server has stopped taking requests and finished those in flight; now the
     // background work stops.

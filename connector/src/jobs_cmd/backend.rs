@@ -37,7 +37,12 @@ impl JobsBackend {
                     args.token_env
                 )
             })?;
-            return Ok(JobsBackend::Api(ApiClient::new(url, token)?));
+            let tls = match (&args.api_thumbprint, &args.api_ca_file) {
+                (Some(thumbprint), _) => rehost_vsphere::Tls::Thumbprint(thumbprint.clone()),
+                (None, Some(ca)) => rehost_vsphere::Tls::CaFile(ca.clone()),
+                (None, None) => rehost_vsphere::Tls::System,
+            };
+            return Ok(JobsBackend::Api(ApiClient::new(url, token, &tls)?));
         }
         let config = Config::locate(args.common.config.as_deref())?;
         let store = SharedStore::for_config(&config)?;

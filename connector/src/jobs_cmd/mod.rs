@@ -36,6 +36,13 @@ pub struct BackendArgs {
     /// The environment variable holding the API's token (with --api).
     #[arg(long, value_name = "VAR", default_value = "REHOST_API_TOKEN")]
     pub token_env: String,
+    /// With an https:// --api: trust the connector's certificate by its SHA-256 thumbprint
+    /// (what the appliance's console shows), instead of the system's roots.
+    #[arg(long, value_name = "SHA256", conflicts_with = "api_ca_file")]
+    pub api_thumbprint: Option<String>,
+    /// With an https:// --api: trust the CA (or self-signed certificate) in this PEM file.
+    #[arg(long, value_name = "PEM")]
+    pub api_ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
