@@ -5,6 +5,7 @@
 
 mod amis_cmd;
 mod api;
+mod appliance_cmd;
 mod aws_args;
 mod config;
 mod disk_cmd;
@@ -41,6 +42,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The connector appliance: pack its images, deploy its OVA to vCenter.
+    #[command(subcommand)]
+    Appliance(appliance_cmd::ApplianceCommand),
     /// Inspect, map, checksum and convert disk images (raw, VMDK, VHD, VHDX).
     #[command(subcommand)]
     Disk(disk_cmd::DiskCommand),
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
     let result = match cli.command {
+        Command::Appliance(cmd) => appliance_cmd::run(cmd),
         Command::Disk(cmd) => disk_cmd::run(cmd),
         Command::Amis(cmd) => amis_cmd::run(cmd),
         Command::Stage(args) => stage_cmd::run(args),
