@@ -22,6 +22,8 @@ pub enum Error {
     Template(String),
     #[error("{0}")]
     Size(String),
+    #[error("OVF descriptor: {0}")]
+    Descriptor(String),
     #[error("OVA {path}: {detail}")]
     Ova { path: String, detail: String },
 }

@@ -7,6 +7,7 @@
 //! friends); `rehost appliance package` turns that disk into the OVA, VHDX and VHD with
 //! rehost's own image writers and this crate; `rehost appliance deploy` reads the OVA.
 
+pub mod descriptor;
 pub mod error;
 pub mod manifest;
 pub mod ova;

@@ -342,8 +342,18 @@ impl Client {
 
     /// A ContainerView of `types` over the root folder, recursive.
     pub(crate) async fn create_container_view(&self, types: &[&str]) -> Result<MoRef> {
+        let root = self.inner.content.root_folder.clone();
+        self.create_container_view_in(&root, types).await
+    }
+
+    /// A ContainerView of `types` over `container`, recursive.
+    pub(crate) async fn create_container_view_in(
+        &self,
+        container: &MoRef,
+        types: &[&str],
+    ) -> Result<MoRef> {
         let mut req = Request::new("CreateContainerView", &self.inner.content.view_manager);
-        req.moref("container", &self.inner.content.root_folder);
+        req.moref("container", container);
         for t in types {
             req.text("type", t);
         }

@@ -78,6 +78,14 @@ pub enum Error {
         /// Their managed object ids.
         refs: String,
     },
+    /// The name is already taken in the folder (`DuplicateName`).
+    #[error("{method}: the name {name:?} is already taken in the folder")]
+    DuplicateName {
+        /// The call.
+        method: String,
+        /// The name.
+        name: String,
+    },
     /// A disk key that the VM or snapshot does not have.
     #[error("{what} has no disk with device key {key}")]
     DiskNotFound {
@@ -201,11 +209,13 @@ pub enum Error {
     /// A disk whose layout rehost does not read (a delta left by an older snapshot).
     #[error("{0}")]
     Unsupported(String),
-    /// An export lease went to state `error`.
-    #[error("export lease of {vm} failed: {message}")]
+    /// An export or import lease went to state `error`.
+    #[error("{method} lease of {entity} failed: {message}")]
     LeaseFailed {
+        /// ExportVm or ImportVApp.
+        method: String,
         /// The VM.
-        vm: String,
+        entity: String,
         /// The server's message.
         message: String,
     },
@@ -218,9 +228,10 @@ impl Error {
     /// How the failure should be handled.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Config(_) | Error::InvalidArgument { .. } | Error::AmbiguousVm { .. } => {
-                ErrorKind::InvalidInput
-            }
+            Error::Config(_)
+            | Error::InvalidArgument { .. }
+            | Error::AmbiguousVm { .. }
+            | Error::DuplicateName { .. } => ErrorKind::InvalidInput,
             Error::InvalidLogin { .. }
             | Error::NoPermission { .. }
             | Error::NotAuthenticated { .. }
@@ -309,6 +320,13 @@ pub(crate) fn from_fault_parts(
             }
         }
         "NotAuthenticated" => Error::NotAuthenticated { method },
+        "DuplicateName" => Error::DuplicateName {
+            method,
+            name: detail
+                .child_text("name")
+                .map(str::to_owned)
+                .unwrap_or(message),
+        },
         "InvalidPowerState" => Error::InvalidPowerState {
             method,
             existing: detail
@@ -416,6 +434,10 @@ mod tests {
             (
                 r#"<FileNotFoundFault xsi:type="FileNotFound"><file>[ds] a.vmdk</file></FileNotFoundFault>"#,
                 ErrorKind::NotFound,
+            ),
+            (
+                r#"<DuplicateNameFault xsi:type="DuplicateName"><name>app</name><object type="Folder">group-v3</object></DuplicateNameFault>"#,
+                ErrorKind::InvalidInput,
             ),
             (
                 r#"<HostCommunicationFault xsi:type="HostCommunication"/>"#,

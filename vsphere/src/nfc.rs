@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 use crate::client::{Client, protocol, snippet, transport};
 use crate::error::{Error, Result, from_fault_parts};
 use crate::soap::model::HttpNfcLeaseInfo;
-use crate::soap::{MoRef, Request};
+use crate::soap::{MoRef, Request, escape};
 
 /// How an export runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,13 +53,119 @@ pub struct LeaseFile {
 /// [`ExportLease::abort`]; dropping it without either aborts it in the background.
 #[derive(Debug)]
 pub struct ExportLease {
-    client: Client,
-    lease: MoRef,
+    keeper: LeaseKeeper,
     vm: MoRef,
     info: HttpNfcLeaseInfo,
+}
+
+/// A ready lease kept alive by a background task telling the server its progress, ended
+/// by [`LeaseKeeper::complete`] or [`LeaseKeeper::abort`]; dropped without either, it
+/// aborts the lease in the background (an error or a cancelled future left it unfinished,
+/// and the server should free it at once rather than after the lease timeout).
+#[derive(Debug)]
+pub(crate) struct LeaseKeeper {
+    client: Client,
+    lease: MoRef,
     progress: Arc<AtomicU8>,
     keepalive: Option<JoinHandle<()>>,
     finished: Arc<AtomicBool>,
+}
+
+impl LeaseKeeper {
+    /// Starts the keep-alive of a ready lease.
+    pub(crate) fn start(client: &Client, lease: MoRef, interval: Duration) -> LeaseKeeper {
+        let progress = Arc::new(AtomicU8::new(0));
+        let finished = Arc::new(AtomicBool::new(false));
+        let keepalive = tokio::spawn(keepalive(
+            client.clone(),
+            lease.clone(),
+            progress.clone(),
+            finished.clone(),
+            interval,
+        ));
+        LeaseKeeper {
+            client: client.clone(),
+            lease,
+            progress,
+            keepalive: Some(keepalive),
+            finished,
+        }
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(crate) fn moref(&self) -> &MoRef {
+        &self.lease
+    }
+
+    /// The percentage the next keep-alive reports (0–100).
+    pub(crate) fn set_progress(&self, percent: u8) {
+        self.progress.store(percent.min(100), Ordering::SeqCst);
+    }
+
+    /// Reports 100 % and completes the lease.
+    pub(crate) async fn complete(mut self) -> Result<()> {
+        self.finish();
+        let mut req = Request::new("HttpNfcLeaseProgress", &self.lease);
+        req.text("percent", "100");
+        // The final progress is a courtesy; completion is what counts.
+        let _ = self.client.call(&req).await;
+        self.client
+            .call(&Request::new("HttpNfcLeaseComplete", &self.lease))
+            .await?;
+        Ok(())
+    }
+
+    /// Aborts the lease, telling the server why when `reason` is given (a SystemError
+    /// fault with it as the reason and message).
+    pub(crate) async fn abort(mut self, reason: Option<&str>) -> Result<()> {
+        self.finish();
+        let mut req = Request::new("HttpNfcLeaseAbort", &self.lease);
+        if let Some(reason) = reason {
+            let reason = escape(reason);
+            req.raw(&format!(
+                "<fault><fault xsi:type=\"SystemError\"><reason>{reason}</reason></fault>\
+                 <localizedMessage>{reason}</localizedMessage></fault>"
+            ));
+        }
+        self.client.call(&req).await?;
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        self.finished.store(true, Ordering::SeqCst);
+        if let Some(handle) = self.keepalive.take() {
+            handle.abort();
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        if self.finished.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(handle) = self.keepalive.take() {
+            handle.abort();
+        }
+        let client = self.client.clone();
+        let lease = self.lease.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    if let Err(e) = client
+                        .call(&Request::new("HttpNfcLeaseAbort", &lease))
+                        .await
+                    {
+                        warn!(lease = %lease, error = %e, "aborting a dropped lease failed");
+                    }
+                });
+            }
+            Err(_) => warn!(lease = %lease, "lease dropped outside a runtime; it expires"),
+        }
+    }
 }
 
 impl Client {
@@ -72,21 +178,39 @@ impl Client {
     pub async fn export_vm_with(&self, vm: &MoRef, options: ExportOptions) -> Result<ExportLease> {
         let req = Request::new("ExportVm", vm);
         let lease = self.call_moref(&req).await?;
+        let info = self
+            .wait_for_lease(&lease, "ExportVm", &vm.value, options.ready_timeout)
+            .await?;
+        Ok(ExportLease {
+            keeper: LeaseKeeper::start(self, lease, options.keepalive_interval),
+            vm: vm.clone(),
+            info,
+        })
+    }
+
+    /// Waits until `lease` (of `method`, for `entity`) is ready and answers its info; a
+    /// lease in `error` answers its fault; past `timeout` the lease is aborted.
+    pub(crate) async fn wait_for_lease(
+        &self,
+        lease: &MoRef,
+        method: &str,
+        entity: &str,
+        timeout: Duration,
+    ) -> Result<HttpNfcLeaseInfo> {
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
-        let info = loop {
+        loop {
             let content = self
-                .retrieve_one(&lease, &["state", "error", "info"])
+                .retrieve_one(lease, &["state", "error", "info"])
                 .await?;
             let state = content.prop("state").map(|s| s.trimmed().to_owned());
             match state.as_deref() {
                 Some("ready") => {
                     let info = content.prop("info").ok_or_else(|| Error::Protocol {
-                        method: "ExportVm".into(),
+                        method: method.into(),
                         detail: format!("lease {} is ready without info", lease.value),
                     })?;
-                    break HttpNfcLeaseInfo::from_node(info)
-                        .map_err(|e| protocol("ExportVm", e))?;
+                    return HttpNfcLeaseInfo::from_node(info).map_err(|e| protocol(method, e));
                 }
                 Some("error") => {
                     let error = content.prop("error");
@@ -101,49 +225,33 @@ impl Client {
                     let fault_type = fault.xsi_type.clone().unwrap_or_default();
                     if fault_type.is_empty() {
                         return Err(Error::LeaseFailed {
-                            vm: vm.value.clone(),
+                            method: method.to_owned(),
+                            entity: entity.to_owned(),
                             message,
                         });
                     }
-                    return Err(from_fault_parts("ExportVm", &fault_type, &message, &fault));
+                    return Err(from_fault_parts(method, &fault_type, &message, &fault));
                 }
                 Some("initializing") | None => {}
                 Some(other) => {
                     return Err(Error::LeaseFailed {
-                        vm: vm.value.clone(),
+                        method: method.to_owned(),
+                        entity: entity.to_owned(),
                         message: format!("lease is {other} before it was ready"),
                     });
                 }
             }
-            if started.elapsed() >= options.ready_timeout {
-                let _ = self.call(&Request::new("HttpNfcLeaseAbort", &lease)).await;
+            if started.elapsed() >= timeout {
+                let _ = self.call(&Request::new("HttpNfcLeaseAbort", lease)).await;
                 return Err(Error::TaskTimeout {
                     task: lease.value.clone(),
-                    description: "ExportVm lease initialisation".into(),
-                    seconds: options.ready_timeout.as_secs(),
+                    description: format!("{method} lease initialisation"),
+                    seconds: timeout.as_secs(),
                 });
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
-        };
-        let progress = Arc::new(AtomicU8::new(0));
-        let finished = Arc::new(AtomicBool::new(false));
-        let keepalive = tokio::spawn(keepalive(
-            self.clone(),
-            lease.clone(),
-            progress.clone(),
-            finished.clone(),
-            options.keepalive_interval,
-        ));
-        Ok(ExportLease {
-            client: self.clone(),
-            lease,
-            vm: vm.clone(),
-            info,
-            progress,
-            keepalive: Some(keepalive),
-            finished,
-        })
+        }
     }
 
     /// The `state` of a lease (`initializing`, `ready`, `done`, `error`).
@@ -187,7 +295,7 @@ async fn keepalive(
 impl ExportLease {
     /// The lease's managed object.
     pub fn moref(&self) -> &MoRef {
-        &self.lease
+        self.keeper.moref()
     }
 
     /// The lease's info as it was when it became ready.
@@ -203,7 +311,7 @@ impl ExportLease {
             .map(|d| {
                 Ok(LeaseFile {
                     key: d.key.clone(),
-                    url: absolute_url(self.client.url(), &d.url)?,
+                    url: absolute_url(self.keeper.client().url(), &d.url)?,
                     disk: d.disk,
                     target_id: d.target_id.clone(),
                 })
@@ -223,7 +331,7 @@ impl ExportLease {
 
     /// Tells the keep-alive how far the export is (0–100), reported at its next call.
     pub fn set_progress(&self, percent: u8) {
-        self.progress.store(percent.min(100), Ordering::SeqCst);
+        self.keeper.set_progress(percent);
     }
 
     /// Downloads one file of the lease as a stream of byte chunks.
@@ -231,8 +339,9 @@ impl ExportLease {
         &self,
         url: &Url,
     ) -> Result<impl Stream<Item = Result<Bytes>> + Send + 'static + use<>> {
-        let mut req = self.client.http().get(url.clone());
-        if let Some(cookie) = self.client.cookie() {
+        let client = self.keeper.client();
+        let mut req = client.http().get(url.clone());
+        if let Some(cookie) = client.cookie() {
             req = req.header(COOKIE, cookie);
         }
         let response = req
@@ -255,61 +364,16 @@ impl ExportLease {
     }
 
     /// Ends the lease successfully.
-    pub async fn complete(mut self) -> Result<()> {
-        self.finish();
-        let mut req = Request::new("HttpNfcLeaseProgress", &self.lease);
-        req.text("percent", "100");
-        // The final progress is a courtesy; completion is what counts.
-        let _ = self.client.call(&req).await;
-        self.client
-            .call(&Request::new("HttpNfcLeaseComplete", &self.lease))
-            .await?;
-        debug!(vm = %self.vm, lease = %self.lease, "export lease completed");
+    pub async fn complete(self) -> Result<()> {
+        let lease = self.keeper.moref().clone();
+        self.keeper.complete().await?;
+        debug!(vm = %self.vm, lease = %lease, "export lease completed");
         Ok(())
     }
 
     /// Ends the lease as failed (the server discards it).
-    pub async fn abort(mut self) -> Result<()> {
-        self.finish();
-        self.client
-            .call(&Request::new("HttpNfcLeaseAbort", &self.lease))
-            .await?;
-        Ok(())
-    }
-
-    fn finish(&mut self) {
-        self.finished.store(true, Ordering::SeqCst);
-        if let Some(handle) = self.keepalive.take() {
-            handle.abort();
-        }
-    }
-}
-
-impl Drop for ExportLease {
-    fn drop(&mut self) {
-        if self.finished.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        if let Some(handle) = self.keepalive.take() {
-            handle.abort();
-        }
-        // Left unfinished (an error, a cancelled future): abort so vCenter frees the
-        // export at once rather than after the lease timeout.
-        let client = self.client.clone();
-        let lease = self.lease.clone();
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn(async move {
-                    if let Err(e) = client
-                        .call(&Request::new("HttpNfcLeaseAbort", &lease))
-                        .await
-                    {
-                        warn!(lease = %lease, error = %e, "aborting a dropped export lease failed");
-                    }
-                });
-            }
-            Err(_) => warn!(lease = %lease, "export lease dropped outside a runtime; it expires"),
-        }
+    pub async fn abort(self) -> Result<()> {
+        self.keeper.abort(None).await
     }
 }
 
@@ -317,7 +381,7 @@ impl Drop for ExportLease {
 /// connected to.
 pub fn absolute_url(sdk: &Url, lease_url: &str) -> Result<Url> {
     let bad = |why: &str| Error::Protocol {
-        method: "ExportVm".into(),
+        method: "HttpNfcLease".into(),
         detail: format!("lease URL {lease_url:?}: {why}"),
     };
     let (scheme, rest) = lease_url

@@ -5,27 +5,15 @@
 
 use std::collections::HashSet;
 
-use crate::client::{Client, protocol, returnval};
+use crate::client::Client;
 use crate::error::Result;
-use crate::soap::{MoRef, Request};
+use crate::soap::Request;
 
 impl Client {
-    /// The AuthorizationManager, read from the service content.
-    async fn authorization_manager(&self) -> Result<MoRef> {
-        let method = "RetrieveServiceContent";
-        let req = Request::new(method, &MoRef::new("ServiceInstance", "ServiceInstance"));
-        let response = self.call(&req).await?;
-        let content = returnval(&response, method)?;
-        let node = content
-            .child("authorizationManager")
-            .ok_or_else(|| protocol(method, "the service content has no authorizationManager"))?;
-        MoRef::from_node(node).map_err(|e| protocol(method, e))
-    }
-
     /// The privileges of `required` that the logged-in user does not hold on the
     /// inventory root, in the order given.
     pub async fn missing_privileges(&self, required: &[&str]) -> Result<Vec<String>> {
-        let manager = self.authorization_manager().await?;
+        let manager = self.service_content_ref("authorizationManager").await?;
         let method = "FetchUserPrivilegeOnEntities";
         let mut req = Request::new(method, &manager);
         req.moref("entities", &self.service_content().root_folder)

@@ -138,11 +138,23 @@ func controlVMs(w http.ResponseWriter, r *http.Request) {
 		Moref      string     `json:"moref"`
 		PowerState string     `json:"power_state"`
 		Disks      []diskJSON `json:"disks"`
+		// ExtraConfig is the VM's config.extraConfig; upstream's CreateImportSpec puts
+		// the OVF properties of propertyMapping there (vCenter: vAppConfig.property).
+		ExtraConfig map[string]string `json:"extra_config"`
 	}
 	out := []vmJSON{}
 	for _, vm := range allVMs() {
 		v := vmJSON{Name: vm.Name, Moref: vm.Self.Value, Disks: []diskJSON{}}
-		simulator.Map.WithLock(vm, func() { v.PowerState = string(vm.Runtime.PowerState) })
+		v.ExtraConfig = map[string]string{}
+		simulator.Map.WithLock(vm, func() {
+			v.PowerState = string(vm.Runtime.PowerState)
+			if vm.Config != nil {
+				for _, o := range vm.Config.ExtraConfig {
+					ov := o.GetOptionValue()
+					v.ExtraConfig[ov.Key] = fmt.Sprint(ov.Value)
+				}
+			}
+		})
 		for _, d := range store.disks {
 			if d.vmRef == vm.Self {
 				v.Disks = append(v.Disks, describeDisk(d))

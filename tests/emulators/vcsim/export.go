@@ -51,6 +51,12 @@ type exportLease struct {
 	files map[string]string // URL name -> streamOptimized VMDK produced for it
 	timer *time.Timer
 	dir   string
+
+	// An import lease (ImportVApp) has upload targets instead of files, the VM it is
+	// importing (destroyed if the lease ends in error) and the session that asked for it.
+	uploads  map[string]*importUpload
+	importVM *types.ManagedObjectReference
+	cookie   string
 }
 
 var leases sync.Map // lease moref value -> *exportLease
@@ -218,6 +224,7 @@ func (l *exportLease) setError(fault types.BaseMethodFault) {
 		{Name: "error", Val: &types.LocalizedMethodFault{Fault: fault, LocalizedMessage: fmt.Sprintf("%T", fault)}},
 	})
 	l.cleanup()
+	l.destroyImported()
 }
 
 func (l *exportLease) cleanup() {
@@ -251,6 +258,7 @@ func (l *exportLease) HttpNfcLeaseComplete(req *types.HttpNfcLeaseComplete) soap
 		return &methods.HttpNfcLeaseCompleteBody{Fault_: leaseStateFault(l)}
 	}
 	simulator.Map.Update(l, []types.PropertyChange{{Name: "state", Val: types.HttpNfcLeaseStateDone}})
+	l.importVM = nil // imported: the VM stays
 	l.cleanup()
 	return &methods.HttpNfcLeaseCompleteBody{Res: new(types.HttpNfcLeaseCompleteResponse)}
 }
@@ -285,6 +293,10 @@ func (h *interceptor) serveNFC(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	lease := v.(*exportLease)
+	if lease.uploads != nil {
+		serveUpload(w, r, lease, parts[1])
+		return
+	}
 	var file string
 	var state types.HttpNfcLeaseState
 	simulator.Map.WithLock(lease, func() { file, state = lease.files[parts[1]], lease.State })

@@ -131,6 +131,10 @@ func (h *interceptor) serveSOAP(w http.ResponseWriter, r *http.Request) {
 		h.forwardRemoveSnapshot(w, r, method)
 	case "RetrievePropertiesEx":
 		h.retrievePaged(w, r, method)
+	case "CreateImportSpec":
+		h.forwardCreateImportSpec(w, r, method)
+	case "ImportVApp":
+		h.forwardImportVApp(w, r, method)
 	default:
 		h.forward(w, r, method.Name)
 	}

@@ -114,6 +114,7 @@ func run(port, controlPort int, certDir, username, password string, vmsPerPool, 
 
 	control := newControlMux()
 	// Replacing the handler is safe: nothing can have connected before READY is printed.
+	upstreamHandler = server.Config.Handler
 	server.Config.Handler = &interceptor{upstream: server.Config.Handler, control: control}
 
 	cl, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", controlPort))

@@ -21,6 +21,7 @@ var methodPrivileges = map[string]string{
 	"RemoveAllSnapshots_Task": "VirtualMachine.State.RemoveSnapshot",
 	"QueryChangedDiskAreas":   "VirtualMachine.Provisioning.DiskRandomRead",
 	"ExportVm":                "VApp.Export",
+	"ImportVApp":              "VApp.Import",
 	"ReconfigVM_Task":         "VirtualMachine.Config.Settings",
 	"PowerOffVM_Task":         "VirtualMachine.Interact.PowerOff",
 	"PowerOnVM_Task":          "VirtualMachine.Interact.PowerOn",

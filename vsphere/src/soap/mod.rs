@@ -2,6 +2,7 @@
 //! model of what rehost reads. Everything here is pure over strings and bytes.
 
 pub mod model;
+pub mod write;
 pub mod xml;
 
 use std::fmt::Write as _;

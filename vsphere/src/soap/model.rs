@@ -456,6 +456,9 @@ impl DiskChangeInfo {
 pub struct LeaseDeviceUrl {
     /// Device key of the disk (`/vm-42/VirtualLsiLogicController0:0`); ties it to a disk.
     pub key: String,
+    /// Of an import lease: the `deviceId` of the CreateImportSpec `fileItem` that this URL
+    /// takes (`/NAME/disk:0`).
+    pub import_key: Option<String>,
     /// Where to GET it; the host may be `*`.
     pub url: String,
     /// Whether it is a disk.
@@ -464,9 +467,11 @@ pub struct LeaseDeviceUrl {
     pub target_id: Option<String>,
 }
 
-/// The URLs of an export lease (`HttpNfcLeaseInfo`).
+/// The URLs of an export or import lease (`HttpNfcLeaseInfo`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpNfcLeaseInfo {
+    /// The VM exported or being imported.
+    pub entity: Option<MoRef>,
     /// The files to download.
     pub device_urls: Vec<LeaseDeviceUrl>,
     /// Total capacity of the disks, in KiB.
@@ -484,6 +489,7 @@ impl HttpNfcLeaseInfo {
             .map(|d| {
                 Ok(LeaseDeviceUrl {
                     key: req_text(d, "key", t)?.to_owned(),
+                    import_key: opt_text(d, "importKey").filter(|k| !k.is_empty()),
                     url: req_text(d, "url", t)?.to_owned(),
                     disk: boolean(d, "disk").unwrap_or(false),
                     target_id: opt_text(d, "targetId"),
@@ -491,6 +497,7 @@ impl HttpNfcLeaseInfo {
             })
             .collect::<Result<_, ModelError>>()?;
         Ok(HttpNfcLeaseInfo {
+            entity: n.child("entity").map(MoRef::from_node).transpose()?,
             device_urls,
             total_disk_capacity_kib: opt_number(n, "totalDiskCapacityInKB", "HttpNfcLeaseInfo")?
                 .unwrap_or(0),
