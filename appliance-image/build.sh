@@ -62,7 +62,9 @@ if [[ ! -x $bin ]]; then
 fi
 
 cleanup() {
-    for m in "$root/sys" "$root/proc"; do mountpoint -q "$m" 2>/dev/null && umount -l "$m"; done
+    for m in "$root/sys" "$root/proc"; do
+        if mountpoint -q "$m" 2>/dev/null; then umount -l "$m"; fi
+    done
 }
 trap cleanup EXIT
 
