@@ -212,6 +212,10 @@ func controlDiskLoad(w http.ResponseWriter, r *http.Request) {
 			controlError(w, http.StatusBadRequest, "%s: size %d is not a positive multiple of 1024", src, fi.Size())
 			return
 		}
+		if err := d.unshare(); err != nil {
+			controlError(w, http.StatusInternalServerError, "%v", err)
+			return
+		}
 		if err := copySparse(src, d.current()); err != nil {
 			controlError(w, http.StatusInternalServerError, "loading %s: %v", src, err)
 			return
@@ -250,6 +254,10 @@ func controlDiskWrite(w http.ResponseWriter, r *http.Request) {
 		}
 		if offset+int64(len(data)) > size {
 			controlError(w, http.StatusRequestedRangeNotSatisfiable, "write of %d bytes at %d is past the disk's end (%d)", len(data), offset, size)
+			return
+		}
+		if err := d.unshare(); err != nil {
+			controlError(w, http.StatusInternalServerError, "%v", err)
 			return
 		}
 		f, err := os.OpenFile(d.current(), os.O_WRONLY, 0)

@@ -44,6 +44,26 @@ type snapRecord struct {
 
 func (d *disk) current() string { return d.layers[len(d.layers)-1] }
 
+// unshare gives the current layer a file of its own before the guest writes to it: a
+// snapshot links the new layer to the frozen one (ESXi starts a snapshot's delta empty, in
+// about no time; a link is as cheap and reads the same), and the first write copies.
+func (d *disk) unshare() error {
+	cur := d.current()
+	fi, err := os.Stat(cur)
+	if err != nil {
+		return err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok || st.Nlink <= 1 {
+		return nil
+	}
+	tmp := cur + ".unshare"
+	if err := copySparse(cur, tmp); err != nil {
+		return fmt.Errorf("copying %s before the guest writes to it: %w", cur, err)
+	}
+	return os.Rename(tmp, cur)
+}
+
 // layerDescriptor is the datastore path of layer i's descriptor, as vCenter names it.
 func (d *disk) layerDescriptor(i int) string {
 	if i == 0 {

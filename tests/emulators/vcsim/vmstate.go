@@ -206,11 +206,13 @@ func (s *diskStore) register(vm *simulator.VirtualMachine, key int32, fileName s
 	return d, nil
 }
 
-// freeze records a new snapshot: the current layer stays as it is and a copy becomes the
-// layer the guest writes to.
+// freeze records a new snapshot: the current layer stays as it is and becomes frozen, and a
+// new layer the guest writes to starts as a link to it (copied at the first write, see
+// unshare), so a snapshot costs no time whatever the disk's size, as on ESXi.
 func (d *disk) freeze(ref types.ManagedObjectReference) error {
 	n := len(d.layers)
-	if err := copySparse(d.current(), d.layerFile(n)); err != nil {
+	_ = os.Remove(d.layerFile(n)) // a leftover of an earlier chain would make Link fail
+	if err := os.Link(d.current(), d.layerFile(n)); err != nil {
 		return fmt.Errorf("creating delta for snapshot %s: %w", ref.Value, err)
 	}
 	d.layers = append(d.layers, d.layerFile(n))
@@ -245,6 +247,12 @@ func (d *disk) consolidate(k int) error {
 		if err := os.Rename(d.layerFile(j), d.layerFile(j-1)); err != nil {
 			return fmt.Errorf("consolidating snapshot %s: %w", d.chain[k].ref.Value, err)
 		}
+	}
+	// Renaming a layer over a link to the same file (one the guest never wrote) changes
+	// nothing and leaves its name behind: remove it, or the next write would copy for
+	// nothing.
+	if err := os.Remove(d.layerFile(n - 1)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("consolidating snapshot %s: %w", d.chain[k].ref.Value, err)
 	}
 	d.layers = d.layers[:n-1]
 	logf("disk %s key %d: snapshot %s consolidated", d.vmName, d.key, d.chain[k].ref.Value)
