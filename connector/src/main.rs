@@ -1,7 +1,8 @@
 //! `rehost`: the connector's command line: the disk-image tools (`rehost disk …`), the
 //! importer (`import`, `stage`, `snapshot`, `amis`), the config and server catalog
-//! (`config check`, `servers`), vSphere exports (`export`), replication jobs (`jobs`,
-//! `runs`) and the connector itself (`serve`: the API, the scheduler, the webhook).
+//! (`config check`, `servers`), vSphere and Azure exports (`export`), replication jobs
+//! (`jobs`, `runs`), the connector itself (`serve`: the API, the scheduler, the webhook)
+//! and its appliance (`appliance package|deploy`).
 
 mod amis_cmd;
 mod api;
@@ -64,8 +65,8 @@ enum Command {
     /// The server catalog: VMs read from the sources.
     #[command(subcommand)]
     Servers(servers_cmd::ServersCommand),
-    /// Export a VM's disks through a snapshot (changed blocks only with --base) to a
-    /// folder or S3; --cleanup removes snapshots a crashed export left.
+    /// Export a VM's disks (vSphere or Azure) through a snapshot (changed blocks only with
+    /// --base) to a folder or S3; --cleanup removes snapshots a crashed export left.
     Export(Box<export::ExportArgs>),
     /// Run the connector: the API, the job scheduler and the webhook, until Ctrl-C/SIGTERM.
     Serve(api::ServeArgs),

@@ -44,17 +44,19 @@ pub struct ExportArgs {
     /// The source, as named in the config.
     #[arg(long)]
     source: String,
-    /// The VM: its name, inventory path or instance UUID.
+    /// The VM: its name, or (vSphere) inventory path or instance UUID, or (Azure) VM id or
+    /// resource id.
     #[arg(long, required_unless_present = "cleanup")]
     vm: Option<String>,
     /// Where to write: a folder, or s3://bucket/prefix.
     #[arg(long, value_name = "DIR|S3_URL", required_unless_present = "cleanup")]
     to: Option<String>,
     /// An earlier export's manifest: export only what changed since, as delta images whose
-    /// parents are that export's images (keep the chain in one folder).
+    /// parents are that export's images (keep the chain in one folder). Azure: the base's
+    /// snapshots are deleted once this export's replace them.
     #[arg(long, value_name = "MANIFEST")]
     base: Option<String>,
-    /// Ask VMware Tools to quiesce the guest's file systems for the snapshot.
+    /// Ask VMware Tools to quiesce the guest's file systems for the snapshot (vSphere).
     #[arg(long)]
     quiesce: bool,
     /// How to read the disks: through a snapshot and CBT (any power state), or with
