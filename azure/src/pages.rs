@@ -153,25 +153,7 @@ fn checked_range(
     })
 }
 
-/// What a planned area of the disk is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AreaKind {
-    /// To be read (written or rewritten pages, or a block partly cleared).
-    Read,
-    /// Wholly cleared since the previous snapshot: zeros, nothing to read.
-    Zero,
-}
-
-/// A block-aligned area of the disk and what to do with it; the gaps are unchanged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Area {
-    /// First byte.
-    pub offset: u64,
-    /// Length.
-    pub len: u64,
-    /// Read or zero.
-    pub kind: AreaKind,
-}
+pub use rehost_core::plan::{Area, AreaKind};
 
 /// Turns page ranges (in order, disjoint) into `block`-aligned areas within `[0, capacity)`:
 /// a block any written page touches is read whole; a block wholly cleared is zero; a block

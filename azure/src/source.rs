@@ -24,7 +24,8 @@ use tracing::{info, warn};
 
 use crate::client::{Client, api};
 use crate::error::{Error, Result};
-use crate::pages::{AreaKind, PageRange, parse_page_list, plan_areas};
+use crate::pages::{PageRange, parse_page_list, plan_areas};
+use rehost_core::plan::{AreaKind, Piece, plan_pieces};
 
 /// Bytes per ranged GET: Azure serves up to 4 MiB per page-blob read at full speed.
 pub const READ_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
@@ -503,52 +504,6 @@ async fn read_range(client: &Client, sas: &str, offset: u64, len: u64) -> Result
     Ok(answer.body)
 }
 
-/// One step of a disk read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Piece {
-    Unchanged { offset: u64, len: u64 },
-    Zero { offset: u64, len: u64 },
-    Read { offset: u64, len: u64 },
-}
-
-/// The ordered steps covering `[0, capacity)`: read areas cut into `chunk`-sized GETs,
-/// zero areas as they are, the gaps unchanged.
-fn plan_pieces(areas: &[crate::pages::Area], capacity: u64, chunk: u64) -> Vec<Piece> {
-    let mut pieces = Vec::new();
-    let mut at = 0;
-    for area in areas {
-        if area.offset > at {
-            pieces.push(Piece::Unchanged {
-                offset: at,
-                len: area.offset - at,
-            });
-        }
-        match area.kind {
-            AreaKind::Zero => pieces.push(Piece::Zero {
-                offset: area.offset,
-                len: area.len,
-            }),
-            AreaKind::Read => {
-                let end = area.offset + area.len;
-                let mut offset = area.offset;
-                while offset < end {
-                    let len = chunk.min(end - offset);
-                    pieces.push(Piece::Read { offset, len });
-                    offset += len;
-                }
-            }
-        }
-        at = area.offset + area.len;
-    }
-    if at < capacity {
-        pieces.push(Piece::Unchanged {
-            offset: at,
-            len: capacity - at,
-        });
-    }
-    pieces
-}
-
 impl Source for AzureSource {
     type Error = Error;
 
@@ -591,7 +546,6 @@ impl Source for AzureSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pages::Area;
 
     #[test]
     fn access_lasts_as_long_as_the_read_may() {
@@ -614,57 +568,6 @@ mod tests {
             "RG2"
         );
         assert!(resource_group_of("/subscriptions/s").is_err());
-    }
-
-    #[test]
-    fn pieces_cover_the_disk_in_order() {
-        let mib = 1 << 20;
-        let areas = [
-            Area {
-                offset: mib,
-                len: 9 * mib,
-                kind: AreaKind::Read,
-            },
-            Area {
-                offset: 12 * mib,
-                len: mib,
-                kind: AreaKind::Zero,
-            },
-        ];
-        let pieces = plan_pieces(&areas, 16 * mib, 4 * mib);
-        assert_eq!(
-            pieces,
-            vec![
-                Piece::Unchanged {
-                    offset: 0,
-                    len: mib
-                },
-                Piece::Read {
-                    offset: mib,
-                    len: 4 * mib
-                },
-                Piece::Read {
-                    offset: 5 * mib,
-                    len: 4 * mib
-                },
-                Piece::Read {
-                    offset: 9 * mib,
-                    len: mib
-                },
-                Piece::Unchanged {
-                    offset: 10 * mib,
-                    len: 2 * mib
-                },
-                Piece::Zero {
-                    offset: 12 * mib,
-                    len: mib
-                },
-                Piece::Unchanged {
-                    offset: 13 * mib,
-                    len: 3 * mib
-                },
-            ]
-        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+pub mod plan;
 mod source;
 pub use source::{
     ChangeToken, DiskInfo, DiskRead, ExtentStream, Firmware, PowerState, SnapshotOptions,

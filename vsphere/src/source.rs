@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use futures::{StreamExt, stream};
+use rehost_core::plan::{Area, AreaKind, Piece, plan_pieces};
 use rehost_core::{
     ChangeToken, DiskId, DiskRead, EBS_BLOCK_SIZE, Extent, SnapshotOptions, SnapshotRef, Source,
     VmId, VmInfo,
@@ -100,13 +101,22 @@ impl VsphereSource {
             vm = %vm.value, disk = %disk.0, capacity, data_bytes, since = change_id,
             "reading disk from snapshot {}", snap.value
         );
-        let pieces = plan_reads(&areas, capacity, READ_CHUNK_BYTES);
+        let read_areas: Vec<Area> = areas
+            .iter()
+            .map(|&(offset, len)| Area {
+                offset,
+                len,
+                kind: AreaKind::Read,
+            })
+            .collect();
+        let pieces = plan_pieces(&read_areas, capacity, READ_CHUNK_BYTES);
         let extents = stream::iter(pieces)
             .map(move |piece| {
                 let file = file.clone();
                 async move {
                     match piece {
                         Piece::Unchanged { offset, len } => Ok(Extent::Unchanged { offset, len }),
+                        Piece::Zero { offset, len } => Ok(Extent::Zero { offset, len }),
                         Piece::Read { offset, len } => {
                             let data: Bytes = file.read_range(offset, len).await?;
                             Ok(Extent::Data { offset, data })
@@ -130,46 +140,6 @@ fn is_delta(path: &str) -> bool {
     path.strip_suffix(".vmdk")
         .and_then(|stem| stem.rsplit_once('-'))
         .is_some_and(|(_, n)| n.len() == 6 && n.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// One step of a disk read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Piece {
-    /// Not read: unchanged since the token (or unallocated).
-    Unchanged { offset: u64, len: u64 },
-    /// Read with one ranged GET.
-    Read { offset: u64, len: u64 },
-}
-
-/// The ordered steps covering `[0, capacity)`: the areas (sorted, disjoint) cut into
-/// `chunk`-sized reads, the gaps between them unchanged.
-pub(crate) fn plan_reads(areas: &[(u64, u64)], capacity: u64, chunk: u64) -> Vec<Piece> {
-    let chunk = chunk.max(1);
-    let mut pieces = Vec::new();
-    let mut at = 0;
-    for &(start, len) in areas {
-        if start > at {
-            pieces.push(Piece::Unchanged {
-                offset: at,
-                len: start - at,
-            });
-        }
-        let end = start + len;
-        let mut offset = start;
-        while offset < end {
-            let n = chunk.min(end - offset);
-            pieces.push(Piece::Read { offset, len: n });
-            offset += n;
-        }
-        at = end;
-    }
-    if at < capacity {
-        pieces.push(Piece::Unchanged {
-            offset: at,
-            len: capacity - at,
-        });
-    }
-    pieces
 }
 
 impl Source for VsphereSource {
@@ -221,50 +191,6 @@ impl Source for VsphereSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn plan_covers_the_disk_in_order() {
-        let mib = 1024 * 1024;
-        let pieces = plan_reads(&[(mib, 9 * mib), (12 * mib, mib)], 16 * mib, 4 * mib);
-        assert_eq!(
-            pieces,
-            vec![
-                Piece::Unchanged {
-                    offset: 0,
-                    len: mib
-                },
-                Piece::Read {
-                    offset: mib,
-                    len: 4 * mib
-                },
-                Piece::Read {
-                    offset: 5 * mib,
-                    len: 4 * mib
-                },
-                Piece::Read {
-                    offset: 9 * mib,
-                    len: mib
-                },
-                Piece::Unchanged {
-                    offset: 10 * mib,
-                    len: 2 * mib
-                },
-                Piece::Read {
-                    offset: 12 * mib,
-                    len: mib
-                },
-                Piece::Unchanged {
-                    offset: 13 * mib,
-                    len: 3 * mib
-                },
-            ]
-        );
-        assert_eq!(
-            plan_reads(&[], 5, 4),
-            vec![Piece::Unchanged { offset: 0, len: 5 }]
-        );
-        assert_eq!(plan_reads(&[], 0, 4), vec![]);
-    }
 
     #[test]
     fn deltas_are_recognised() {
