@@ -20,7 +20,7 @@ use super::manifest::{Manifest, SourceEntry};
 use super::target::Target;
 use super::{
     Base, ExportRequest, Exported, ManifestHead, SNAPSHOT_MARKER, SNAPSHOT_PREFIX, export_disk,
-    file_safe, new_export_id, write_manifest,
+    file_safe, new_export_id, on_data, write_manifest,
 };
 use crate::store::SharedStore;
 
@@ -237,7 +237,7 @@ impl AzureExport<'_> {
                         label: format!("disk {}", disk.id),
                         parent,
                         quiet: self.request.quiet,
-                        on_data: self.on_data(),
+                        on_data: on_data(self.request, &self.found.info, &self.read_so_far),
                         handle: self.handle.clone(),
                     },
                 )
@@ -261,15 +261,5 @@ impl AzureExport<'_> {
             disks,
         )
         .await
-    }
-
-    fn on_data(&self) -> Option<Arc<dyn Fn(u64) + Send + Sync>> {
-        let progress = self.request.progress.clone()?;
-        let total: u64 = self.found.info.disks.iter().map(|d| d.capacity_bytes).sum();
-        let so_far = self.read_so_far.clone();
-        Some(Arc::new(move |bytes| {
-            let done = so_far.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
-            (progress.0)(done, total);
-        }))
     }
 }

@@ -694,13 +694,7 @@ impl ExportJob<'_> {
 
     /// The per-disk byte callback feeding the request's progress, if it has one.
     fn on_data(&self) -> Option<Arc<dyn Fn(u64) + Send + Sync>> {
-        let progress = self.request.progress.clone()?;
-        let total: u64 = self.found.info.disks.iter().map(|d| d.capacity_bytes).sum();
-        let so_far = self.read_so_far.clone();
-        Some(Arc::new(move |bytes| {
-            let done = so_far.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
-            (progress.0)(done, total);
-        }))
+        on_data(self.request, &self.found.info, &self.read_so_far)
     }
 
     fn disk_job(
@@ -873,6 +867,22 @@ async fn disk_entry(
         content_sha256: list.sha256,
         disk_sha256: written.disk_sha256,
     })
+}
+
+/// The per-disk byte callback feeding `request`'s progress, if it has one: bytes read so far
+/// (`so_far`, shared across the VM's disks) of the VM's whole capacity.
+fn on_data(
+    request: &ExportRequest<'_>,
+    vm: &VmInfo,
+    so_far: &Arc<std::sync::atomic::AtomicU64>,
+) -> Option<Arc<dyn Fn(u64) + Send + Sync>> {
+    let progress = request.progress.clone()?;
+    let total: u64 = vm.disks.iter().map(|d| d.capacity_bytes).sum();
+    let so_far = so_far.clone();
+    Some(Arc::new(move |bytes| {
+        let done = so_far.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+        (progress.0)(done, total);
+    }))
 }
 
 /// What a manifest says besides its disks.
