@@ -53,3 +53,5 @@ qemu-img --version | head -n 1
 "$(dirname "$0")/moto/install.sh"
 "$(dirname "$0")/vcsim/build.sh"
 "$(dirname "$0")/azure/install.sh"
+"$(dirname "$0")/hyperv/install.sh"
+"$(dirname "$0")/samba/install.sh"
