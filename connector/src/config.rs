@@ -186,6 +186,7 @@ impl SchedulerConfig {
 pub enum SourceKind {
     Vsphere,
     Azure,
+    Hyperv,
 }
 
 impl fmt::Display for SourceKind {
@@ -193,6 +194,7 @@ impl fmt::Display for SourceKind {
         match self {
             SourceKind::Vsphere => f.write_str("vsphere"),
             SourceKind::Azure => f.write_str("azure"),
+            SourceKind::Hyperv => f.write_str("hyperv"),
         }
     }
 }
@@ -248,6 +250,10 @@ pub struct SourceConfig {
     pub resource_manager_url: Option<String>,
     /// Azure: the instance metadata service, for `managed_identity` (tests override it).
     pub imds_url: Option<String>,
+    /// Hyper-V: `host:port` of the host's SMB service (default: the url's host, port 445).
+    pub smb_address: Option<String>,
+    /// Hyper-V: `ntlm` (default; sealed over http://) or `basic` (https:// only).
+    pub auth: Option<String>,
 }
 
 /// Azure's public-cloud Resource Manager endpoint.
@@ -371,6 +377,7 @@ impl Config {
             match source.kind {
                 SourceKind::Vsphere => source.validate_vsphere(&at)?,
                 SourceKind::Azure => source.validate_azure(&at)?,
+                SourceKind::Hyperv => source.validate_hyperv(&at)?,
             }
         }
         Ok(())
@@ -456,6 +463,18 @@ fn check_token(token: String, from: &str) -> Result<String> {
 
 impl SourceConfig {
     fn validate_vsphere(&self, at: &str) -> Result<()> {
+        self.validate_vsphere_like(at)?;
+        self.refuse_fields(
+            at,
+            &[
+                ("smb_address", self.smb_address.is_some()),
+                ("auth", self.auth.is_some()),
+            ],
+        )
+    }
+
+    /// url, user, password by reference, one TLS choice, and no Azure fields.
+    fn validate_vsphere_like(&self, at: &str) -> Result<()> {
         if self.password.is_some() {
             bail!(
                 "{at}: `password` must not be written in the config file; put it in an environment variable named by `password_env`, or a file named by `password_file`"
@@ -505,6 +524,27 @@ impl SourceConfig {
         )
     }
 
+    /// A Hyper-V host: the vSphere rules for url, user, password and TLS, plus its own.
+    fn validate_hyperv(&self, at: &str) -> Result<()> {
+        self.validate_vsphere_like(at)?;
+        match self.auth.as_deref() {
+            None | Some("ntlm") => {}
+            Some("basic") if self.url.starts_with("https://") => {}
+            Some("basic") => bail!(
+                "{at}: `auth = \"basic\"` sends the password in the clear over http://, which WinRM refuses; use an https:// url (port 5986) or NTLM"
+            ),
+            Some(other) => bail!("{at}: `auth` must be \"ntlm\" or \"basic\", got {other:?}"),
+        }
+        if let Some(address) = &self.smb_address
+            && address
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            bail!("{at}: `smb_address` must be host:port, got {address:?}");
+        }
+        Ok(())
+    }
+
     fn validate_azure(&self, at: &str) -> Result<()> {
         if self.client_secret.is_some() {
             bail!(
@@ -521,6 +561,8 @@ impl SourceConfig {
                 ("password", self.password.is_some()),
                 ("thumbprint", self.thumbprint.is_some()),
                 ("insecure", self.insecure),
+                ("smb_address", self.smb_address.is_some()),
+                ("auth", self.auth.is_some()),
             ],
         )?;
         let subscription = self.subscription_id.as_deref().unwrap_or("");
@@ -586,7 +628,7 @@ impl SourceConfig {
     /// Where the source is, for manifests and messages.
     pub fn endpoint(&self) -> String {
         match self.kind {
-            SourceKind::Vsphere => self.url.clone(),
+            SourceKind::Vsphere | SourceKind::Hyperv => self.url.clone(),
             SourceKind::Azure => format!(
                 "{}/subscriptions/{}",
                 self.resource_manager_url

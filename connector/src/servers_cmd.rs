@@ -122,6 +122,14 @@ pub async fn import_source_catalog(
             .into_iter()
             .map(|vm| vm.info)
             .collect(),
+        crate::sources::Connected::Hyperv(hyperv) => hyperv
+            .client()
+            .vms(hyperv.host_label())
+            .await
+            .with_context(|| format!("source {:?}", source.name))?
+            .into_iter()
+            .map(|vm| vm.info)
+            .collect(),
     };
     let report = ImportReport {
         source: source.name.clone(),
@@ -256,6 +264,12 @@ struct SourceCheck {
     authenticated: bool,
     version: Option<String>,
     missing_privileges: Vec<String>,
+    /// Hyper-V: whether the host's VMs can have Resilient Change Tracking.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rct_available: Option<bool>,
+    /// Hyper-V: whether the host's administrative share opens over SMB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    smb_reachable: Option<bool>,
     error: Option<String>,
 }
 
@@ -302,6 +316,12 @@ pub fn run_config(cmd: ConfigCommand) -> Result<ExitCode> {
                     yes(c.authenticated),
                     c.version.as_deref().unwrap_or("-")
                 );
+                if let Some(rct) = c.rct_available {
+                    println!("  RCT available: {}", yes(rct));
+                }
+                if let Some(smb) = c.smb_reachable {
+                    println!("  SMB reachable: {}", yes(smb));
+                }
                 if !c.missing_privileges.is_empty() {
                     println!("  missing privileges: {}", c.missing_privileges.join(", "));
                 }
@@ -326,6 +346,9 @@ async fn check_source(config: &Config, source: &crate::config::SourceConfig) -> 
     if source.kind == crate::config::SourceKind::Azure {
         return check_azure_source(config, source).await;
     }
+    if source.kind == crate::config::SourceKind::Hyperv {
+        return check_hyperv_source(config, source).await;
+    }
     let mut check = SourceCheck {
         source: source.name.clone(),
         url: source.url.clone(),
@@ -333,6 +356,8 @@ async fn check_source(config: &Config, source: &crate::config::SourceConfig) -> 
         authenticated: false,
         version: None,
         missing_privileges: Vec::new(),
+        rct_available: None,
+        smb_reachable: None,
         error: None,
     };
     match crate::sources::connect_vsphere(config, source).await {
@@ -371,6 +396,8 @@ async fn check_azure_source(config: &Config, source: &crate::config::SourceConfi
         authenticated: false,
         version: None,
         missing_privileges: Vec::new(),
+        rct_available: None,
+        smb_reachable: None,
         error: None,
     };
     let azure = match crate::sources::connect_azure(config, source) {
@@ -407,6 +434,73 @@ async fn check_azure_source(config: &Config, source: &crate::config::SourceConfi
     {
         Ok(missing) => check.missing_privileges = missing,
         Err(err) => check.error = Some(format!("checking permissions: {err}")),
+    }
+    check
+}
+
+/// `config check` of a Hyper-V source: WS-Management reachable (Identify needs no login),
+/// authenticated (a WMI query), the Windows version, whether RCT is available (Windows
+/// Server 2016 or later: build 14393), and the administrative share over SMB.
+async fn check_hyperv_source(config: &Config, source: &crate::config::SourceConfig) -> SourceCheck {
+    use rehost_core::SourceError as _;
+    let mut check = SourceCheck {
+        source: source.name.clone(),
+        url: source.url.clone(),
+        reachable: false,
+        authenticated: false,
+        version: None,
+        missing_privileges: Vec::new(),
+        rct_available: None,
+        smb_reachable: None,
+        error: None,
+    };
+    let hyperv = match crate::sources::connect_hyperv(config, source) {
+        Ok(hyperv) => hyperv,
+        Err(err) => {
+            check.error = Some(format!("{err:#}"));
+            return check;
+        }
+    };
+    let client = hyperv.client();
+    match client.identify().await {
+        Ok(_) => check.reachable = true,
+        Err(err) => {
+            check.error = Some(format!("{err}"));
+            return check;
+        }
+    }
+    match client.host_os().await {
+        Ok((caption, version)) => {
+            check.authenticated = true;
+            let build: u32 = version
+                .split('.')
+                .nth(2)
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(0);
+            check.rct_available = Some(build >= 14393);
+            check.version = Some(format!("{caption} {version}"));
+        }
+        Err(err) => {
+            check.authenticated = err.kind() != rehost_core::ErrorKind::PermissionDenied;
+            check.error = Some(format!("{err}"));
+            return check;
+        }
+    }
+    if let Err(err) = client.vms(hyperv.host_label()).await {
+        check.error = Some(format!("reading the Hyper-V classes: {err}"));
+        if err.kind() == rehost_core::ErrorKind::PermissionDenied {
+            check.missing_privileges.push(
+                "membership of Administrators or Hyper-V Administrators on the host".to_owned(),
+            );
+        }
+        return check;
+    }
+    match hyperv.smb().check("C$").await {
+        Ok(()) => check.smb_reachable = Some(true),
+        Err(err) => {
+            check.smb_reachable = Some(false);
+            check.error = Some(format!("{err}"));
+        }
     }
     check
 }

@@ -60,11 +60,63 @@ pub fn connect_azure(config: &Config, source: &SourceConfig) -> Result<rehost_az
     Ok(rehost_azure::AzureSource::new(client))
 }
 
-/// A connected source of either kind.
+/// A client of the Hyper-V source `source`: WS-Management with NTLM (or Basic over HTTPS),
+/// and SMB to the same host for the disk files. Nothing is connected until the first call.
+pub fn connect_hyperv(
+    config: &Config,
+    source: &SourceConfig,
+) -> Result<rehost_hyperv::HypervSource> {
+    use rehost_hyperv::transport::{AuthMethod, Credentials, Endpoint, Transport};
+    let context = || format!("source {:?} ({})", source.name, source.url);
+    let password = source.password(config)?;
+    let tls = if source.url.starts_with("https://") {
+        let choice = match source.tls(config) {
+            TlsCheck::System => anyhow::bail!(
+                "source {:?}: an https:// Hyper-V host needs `ca_file` (the CA that signed its WinRM certificate), `thumbprint` (the SHA-256 of that certificate) or `insecure = true`",
+                source.name
+            ),
+            TlsCheck::CaFile(path) => Tls::CaFile(path),
+            TlsCheck::Thumbprint(t) => Tls::Thumbprint(t),
+            TlsCheck::Insecure => Tls::Insecure,
+        };
+        rehost_vsphere::tls::client_config(&choice)
+            .with_context(context)?
+            .map(std::sync::Arc::new)
+    } else {
+        None
+    };
+    let endpoint = Endpoint::parse(&source.url, tls).with_context(context)?;
+    let method = match source.auth.as_deref() {
+        Some("basic") => AuthMethod::Basic,
+        _ => AuthMethod::Ntlm,
+    };
+    let credentials = Credentials {
+        user: source.username.clone(),
+        password: password.clone(),
+    };
+    let transport = Transport::new(endpoint.clone(), credentials, method).with_context(context)?;
+    let smb = rehost_hyperv::smb::SmbSettings {
+        address: source
+            .smb_address
+            .clone()
+            .unwrap_or_else(|| format!("{}:445", endpoint.host)),
+        user: source.username.clone(),
+        password,
+    };
+    let opener = rehost_hyperv::smb::SmbOpener::new(smb, tokio::runtime::Handle::current());
+    Ok(rehost_hyperv::HypervSource::new(
+        std::sync::Arc::new(rehost_hyperv::Client::new(transport)),
+        std::sync::Arc::new(opener),
+        endpoint.host,
+    ))
+}
+
+/// A connected source of any kind.
 #[derive(Debug, Clone)]
 pub enum Connected {
     Vsphere(Client),
     Azure(rehost_azure::AzureSource),
+    Hyperv(rehost_hyperv::HypervSource),
 }
 
 /// Connects to `source`, whatever its kind.
@@ -72,6 +124,7 @@ pub async fn connect(config: &Config, source: &SourceConfig) -> Result<Connected
     Ok(match source.kind {
         SourceKind::Vsphere => Connected::Vsphere(connect_vsphere(config, source).await?),
         SourceKind::Azure => Connected::Azure(connect_azure(config, source)?),
+        SourceKind::Hyperv => Connected::Hyperv(connect_hyperv(config, source)?),
     })
 }
 

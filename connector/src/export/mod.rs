@@ -10,6 +10,7 @@
 
 pub mod azure;
 mod disk;
+pub mod hyperv;
 pub mod manifest;
 pub mod target;
 
@@ -56,7 +57,8 @@ pub struct ExportArgs {
     /// snapshots are deleted once this export's replace them.
     #[arg(long, value_name = "MANIFEST")]
     base: Option<String>,
-    /// Ask VMware Tools to quiesce the guest's file systems for the snapshot (vSphere).
+    /// Ask the guest to quiesce its file systems for the snapshot: VMware Tools (vSphere),
+    /// or an application-consistent checkpoint through the guest's VSS (Hyper-V).
     #[arg(long)]
     quiesce: bool,
     /// How to read the disks: through a snapshot and CBT (any power state), or with
@@ -221,6 +223,15 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
                 Connected::Azure(azure) => {
                     cleanup_azure(store, azure, &args.source, args.vm.as_deref(), args.output).await
                 }
+                Connected::Hyperv(hyperv) => {
+                    let ledger = SharedStore::new(store);
+                    let (removed, failed, vms) =
+                        hyperv::cleanup(&ledger, hyperv, &args.source, args.vm.as_deref()).await?;
+                    CleanupReport { removed, failed }.print(
+                        args.output,
+                        &format!("no rehost checkpoint left on {vms} VM(s)"),
+                    )
+                }
             }
         } else {
             let needs_s3 =
@@ -337,6 +348,12 @@ pub async fn export(
                 bail!("--quiesce is for vSphere; Azure snapshots are crash-consistent");
             }
             azure::export(request, azure, clients, ledger, handle).await
+        }
+        Connected::Hyperv(hv) => {
+            if request.via == Via::ExportVm {
+                bail!("--via export-vm is for vSphere; Hyper-V VMs are read through checkpoints");
+            }
+            hyperv::export(request, hv, clients, ledger, handle).await
         }
     }
 }

@@ -171,7 +171,29 @@ async fn execute_steps(ctx: &RunContext, run: &Run) -> Result<Option<String>> {
     ctx.store
         .with(|s| Ok(s.complete_run(&run.id, &ami_id, &lineage, Timestamp::now())?))?;
     retire_azure_base(ctx, &job, &staged.manifest).await;
+    retire_hyperv_base(ctx, &job, &staged.manifest).await;
     Ok(Some(ami_id))
+}
+
+/// Hyper-V: the reference point this run asked RCT from is replaced, as the next run's
+/// base, by this run's: deleted. Best effort once the run is complete.
+async fn retire_hyperv_base(ctx: &RunContext, job: &Job, manifest: &export::manifest::Manifest) {
+    let Ok(source) = ctx.config.source(&job.source) else {
+        return;
+    };
+    if source.kind != SourceKind::Hyperv
+        || manifest.disks.iter().all(|d| d.since_change_id.is_none())
+    {
+        return;
+    }
+    let outcome = async {
+        let hyperv = crate::sources::connect_hyperv(&ctx.config, source)?;
+        export::hyperv::retire_base(&hyperv, &manifest.vm.id, manifest).await
+    }
+    .await;
+    if let Err(err) = outcome {
+        tracing::warn!(job = %job.id, error = %format!("{err:#}"), "the previous run's Hyper-V reference point was not deleted");
+    }
 }
 
 /// Azure: the snapshots this run diffed against are replaced, as the next run's base, by
@@ -356,6 +378,16 @@ async fn remove_leftover_snapshots(
             }
             Connected::Azure(azure) => {
                 export::azure::remove_tagged(&ctx.store, azure, entry.id, &entry.name).await;
+            }
+            Connected::Hyperv(hyperv) => {
+                export::hyperv::remove_named(
+                    &ctx.store,
+                    hyperv,
+                    entry.id,
+                    &entry.vm_ref,
+                    &entry.name,
+                )
+                .await;
             }
         }
         let still_open = ctx

@@ -1,0 +1,340 @@
+//! The Hyper-V source end to end, as a user runs it: `rehost config check`, `rehost
+//! servers`, `rehost export` (full, incremental, cleanup) against the project's Hyper-V
+//! double (WS-Management with NTLM sealed over HTTP) and Samba serving its disk files.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../tests/emulators/hyperv/harness.rs"]
+mod hyperv_double;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use hyperv_double::HypervHost;
+use serde_json::{Value, json};
+
+const MIB: u64 = 1 << 20;
+
+struct World {
+    host: HypervHost,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl World {
+    fn start() -> World {
+        World::with(hyperv_double::SMB_USER, hyperv_double::SMB_PASSWORD)
+    }
+
+    /// The double's WS-Management user, and `smb_user` for the files: the double takes
+    /// any of its users, Samba only its own (a real host has one account for both).
+    fn with(smb_user: &str, smb_password: &str) -> World {
+        let host = HypervHost::start(&["--job-polls", "1", "--changes-max", "3"])
+            .expect("the Hyper-V double and Samba (run tests/emulators/install.sh)");
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("rehost.toml");
+        let text = format!(
+            r#"
+[store]
+path = "state/rehost.db"
+
+[[sources]]
+name = "hv1"
+kind = "hyperv"
+url = "{url}"
+username = "{user}"
+password_env = "REHOST_TEST_HV1_PASSWORD"
+smb_address = "{smb}"
+"#,
+            url = host.url,
+            user = smb_user,
+            smb = host.smb_address,
+        );
+        std::fs::write(&config, text).unwrap();
+        let _ = smb_password;
+        World { host, dir, config }
+    }
+
+    fn rehost_with_password(&self, password: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_rehost"))
+            .args(args)
+            .env("REHOST_CONFIG", &self.config)
+            .env("REHOST_TEST_HV1_PASSWORD", password)
+            .env("XDG_STATE_HOME", self.dir.path().join("xdg"))
+            .output()
+            .unwrap()
+    }
+
+    fn rehost(&self, args: &[&str]) -> Output {
+        self.rehost_with_password(hyperv_double::SMB_PASSWORD, args)
+    }
+
+    fn json_ok(&self, args: &[&str]) -> Value {
+        let out = self.rehost(args);
+        assert!(
+            out.status.success(),
+            "rehost {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// A generation-2 VM with one disk of `size` bytes, some of it written.
+    fn vm(&self, name: &str, size: u64) -> String {
+        let vm = self.host.create_vm(&json!({
+            "name": name, "generation": 2, "version": "9.0", "state": "running",
+            "cpus": 2, "memory_mib": 2048,
+            "disks": [{"size_bytes": size, "format": "vhdx", "controller": "scsi"}]
+        }));
+        let id = vm["id"].as_str().unwrap().to_owned();
+        for (offset, len, seed) in [(0, 3 * MIB, 1), (8 * MIB, 5 * MIB, 2), (size - MIB, MIB, 3)] {
+            self.host.write_seeded(&id, 0, offset, len, seed);
+        }
+        id
+    }
+
+    fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+}
+
+fn checksum(path: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_rehost"))
+        .args(["disk", "checksum"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn checkpoints(world: &World, vm: &str) -> Vec<Value> {
+    world.host.vm(vm)["checkpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn config_check_and_catalog() {
+    let world = World::start();
+    world.vm("web01", 64 * MIB);
+    let check = world.json_ok(&["config", "check", "--output", "json"]);
+    let source = &check["sources"][0];
+    assert_eq!(source["reachable"], true, "{check}");
+    assert_eq!(source["authenticated"], true, "{check}");
+    assert_eq!(source["rct_available"], true, "{check}");
+    assert_eq!(source["smb_reachable"], true, "{check}");
+    assert_eq!(check["ok"], true, "{check}");
+
+    let imported = world.json_ok(&[
+        "servers",
+        "import-catalog",
+        "--source",
+        "hv1",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(imported["servers"], 1, "{imported}");
+    let list = world.json_ok(&["servers", "list", "--output", "json"]);
+    let vm = &list.as_array().unwrap()[0];
+    let text = vm.to_string();
+    assert!(text.contains("web01"), "{text}");
+    assert!(text.contains("\"efi\""), "generation 2 is UEFI: {text}");
+    assert!(text.contains("scsi0-0"), "{text}");
+    assert!(text.contains(&(64 * MIB).to_string()), "{text}");
+}
+
+#[test]
+fn full_then_incremental_exports_decode_to_the_disk_at_checkpoint_time() {
+    let world = World::start();
+    let vm = world.vm("db01", 96 * MIB);
+    let at_full = world.host.sha256(&vm, 0);
+    // The VM keeps writing while it is exported: the checkpoint must hide this.
+    world.host.write_on_checkpoint(
+        &vm,
+        &json!({"disk": 0, "offset": 2 * MIB, "len": MIB, "fill": 255}),
+    );
+    let out = world.out();
+    let full = world.json_ok(&[
+        "export",
+        "--source",
+        "hv1",
+        "--vm",
+        "db01",
+        "--to",
+        out.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    let image = PathBuf::from(full["disks"][0]["image"].as_str().unwrap());
+    assert_eq!(
+        checksum(&image),
+        at_full,
+        "the full image is the disk at checkpoint time"
+    );
+    assert!(checkpoints(&world, &vm).is_empty(), "no checkpoint left");
+    let points = world.host.vm(&vm)["reference_points"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        points.len(),
+        1,
+        "the checkpoint became the next run's reference point"
+    );
+    let qemu = Command::new("qemu-img")
+        .args(["compare", "-f", "vpc"])
+        .arg(&image)
+        .arg(&image)
+        .status()
+        .unwrap();
+    assert!(qemu.success());
+
+    // A few changes, then an incremental export that reads only them.
+    world.host.write_seeded(&vm, 0, 40 * MIB, 64 * 1024, 7);
+    world.host.write_seeded(&vm, 0, 70 * MIB + 4096, 4096, 8);
+    let at_incremental = world.host.sha256(&vm, 0);
+    let manifest = full["manifest"].as_str().unwrap();
+    let incremental = world.json_ok(&[
+        "export",
+        "--source",
+        "hv1",
+        "--vm",
+        "db01",
+        "--to",
+        out.to_str().unwrap(),
+        "--base",
+        manifest,
+        "--output",
+        "json",
+    ]);
+    assert_eq!(incremental["kind"], "incremental", "{incremental}");
+    // Changed since the full export's checkpoint: the two writes above (one block each)
+    // and the 1 MiB the VM wrote while that export ran (two blocks).
+    let read = incremental["disks"][0]["data_bytes"].as_u64().unwrap();
+    assert_eq!(read, 4 * 512 * 1024, "only the changed blocks are read");
+    let delta = PathBuf::from(incremental["disks"][0]["image"].as_str().unwrap());
+    assert_eq!(
+        checksum(&delta),
+        at_incremental,
+        "the chain decodes to the new disk"
+    );
+    let points = world.host.vm(&vm)["reference_points"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        points.len(),
+        1,
+        "the base's reference point was replaced: {points:?}"
+    );
+    assert!(checkpoints(&world, &vm).is_empty());
+
+    // The host forgets the RCT ids (e.g. the VM moved): a full copy written as a delta.
+    world.host.invalidate_rct(&vm);
+    world.host.write_seeded(&vm, 0, 20 * MIB, 4096, 9);
+    let at_fallback = world.host.sha256(&vm, 0);
+    let manifest = incremental["manifest"].as_str().unwrap();
+    let fallback = world.json_ok(&[
+        "export",
+        "--source",
+        "hv1",
+        "--vm",
+        "db01",
+        "--to",
+        out.to_str().unwrap(),
+        "--base",
+        manifest,
+        "--output",
+        "json",
+    ]);
+    let image = PathBuf::from(fallback["disks"][0]["image"].as_str().unwrap());
+    assert_eq!(checksum(&image), at_fallback);
+    assert!(fallback["disks"][0]["data_bytes"].as_u64().unwrap() >= 9 * MIB);
+}
+
+#[test]
+fn a_failure_mid_export_removes_the_checkpoint() {
+    let world = World::start();
+    let vm = world.vm("app01", 64 * MIB);
+    world
+        .host
+        .faults(&json!([{"method": "ConvertToReferencePoint", "job_error": "The operation failed (injected).", "times": 1}]));
+    let out = world.out();
+    let failed = world.rehost(&[
+        "export",
+        "--source",
+        "hv1",
+        "--vm",
+        "app01",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("injected"), "{stderr}");
+    assert!(
+        checkpoints(&world, &vm).is_empty(),
+        "the checkpoint was removed"
+    );
+    let cleanup = world.json_ok(&["export", "--cleanup", "--source", "hv1", "--output", "json"]);
+    assert_eq!(cleanup["failed"].as_array().unwrap().len(), 0, "{cleanup}");
+}
+
+#[test]
+fn wrong_credentials_are_named() {
+    let world = World::start();
+    world.vm("vm1", 32 * MIB);
+    let out = world.rehost_with_password(
+        "Not-The-Passw0rd",
+        &["servers", "import-catalog", "--source", "hv1"],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refused the credentials"), "{stderr}");
+    assert!(
+        !stderr.contains("Not-The-Passw0rd"),
+        "the password is never printed: {stderr}"
+    );
+}
+
+#[test]
+fn an_smb_share_that_refuses_the_login_is_named() {
+    let world = World::with(
+        hyperv_double::SMB_REFUSED_USER,
+        hyperv_double::SMB_REFUSED_PASSWORD,
+    );
+    let vm = world.vm("vm1", 32 * MIB);
+    let out = world.out();
+    let failed = world.rehost_with_password(
+        hyperv_double::SMB_REFUSED_PASSWORD,
+        &[
+            "export",
+            "--source",
+            "hv1",
+            "--vm",
+            "vm1",
+            "--to",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("C$"), "{stderr}");
+    assert!(
+        checkpoints(&world, &vm).is_empty(),
+        "the checkpoint was removed"
+    );
+}
