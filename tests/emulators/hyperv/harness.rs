@@ -234,6 +234,24 @@ impl HypervHost {
             .unwrap_or_else(|| v.as_str().unwrap_or_default().trim().to_owned())
     }
 
+    /// Bytes of the VM's current disk.
+    pub fn read(&self, vm: &str, disk: usize, offset: u64, len: u64) -> Vec<u8> {
+        use base64::Engine;
+        let v = self.ok(
+            "GET",
+            &format!("/_double/vms/{vm}/disks/{disk}/read?offset={offset}&len={len}"),
+            &Value::Null,
+        );
+        base64::engine::general_purpose::STANDARD
+            .decode(v["data_b64"].as_str().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// The WS-Management requests so far (`[{action, class, method…}]`).
+    pub fn requests(&self) -> Value {
+        self.ok("GET", "/_double/requests", &Value::Null)
+    }
+
     /// The VM's state: checkpoints, reference points, files.
     pub fn vm(&self, vm: &str) -> Value {
         self.ok("GET", &format!("/_double/vms/{vm}"), &Value::Null)
