@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rehost_diskimage::io::ReadAt;
@@ -43,6 +44,8 @@ pub struct SmbOpener {
     settings: SmbSettings,
     handle: Handle,
     session: tokio::sync::Mutex<Option<Session>>,
+    /// Bytes read from every file so far (data and image metadata alike).
+    bytes_read: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for SmbOpener {
@@ -71,7 +74,14 @@ impl SmbOpener {
             settings,
             handle,
             session: tokio::sync::Mutex::new(None),
+            bytes_read: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Bytes read over SMB so far, from every file: what an export cost the host's disks
+    /// and network, metadata included.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
     }
 
     fn config(&self) -> ClientConfig {
@@ -160,6 +170,7 @@ impl SmbOpener {
             size: reader.size(),
             reader: Arc::new(reader),
             handle: self.handle.clone(),
+            bytes_read: self.bytes_read.clone(),
         }))
     }
 }
@@ -176,6 +187,7 @@ struct SmbFile {
     size: u64,
     reader: Arc<smb2::client::stream::FileReader>,
     handle: Handle,
+    bytes_read: Arc<AtomicU64>,
 }
 
 impl ReadAt for SmbFile {
@@ -208,6 +220,8 @@ impl ReadAt for SmbFile {
             ));
         }
         buf.copy_from_slice(&data);
+        self.bytes_read
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 

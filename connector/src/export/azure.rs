@@ -142,6 +142,7 @@ pub async fn export(
         manifest_location,
         manifest,
         image_locations,
+        source_bytes_read: None,
     })
 }
 

@@ -74,6 +74,7 @@ pub async fn export(
     }
     let target = Target::parse(&request.to, clients.clone())?;
     target.prepare()?;
+    let smb_before = hyperv.smb().bytes_read();
 
     let export_id = new_export_id();
     let snapshot_name = format!("{SNAPSHOT_PREFIX}{export_id}");
@@ -186,6 +187,7 @@ pub async fn export(
         manifest_location,
         manifest,
         image_locations,
+        source_bytes_read: Some(hyperv.smb().bytes_read() - smb_before),
     })
 }
 

@@ -176,6 +176,9 @@ pub struct Exported {
     pub manifest: Manifest,
     /// The target's location of each image, in manifest order.
     pub image_locations: Vec<String>,
+    /// Bytes read from the source's storage, where the source can count them (Hyper-V:
+    /// over SMB, image metadata included).
+    pub source_bytes_read: Option<u64>,
 }
 
 /// What `rehost export` prints.
@@ -186,6 +189,9 @@ pub struct ExportReport {
     pub vm: String,
     pub disks: Vec<DiskReport>,
     pub snapshot_removed: bool,
+    /// Hyper-V: bytes read over SMB (data and image metadata).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_bytes_read: Option<u64>,
     pub seconds: f64,
 }
 
@@ -300,6 +306,7 @@ async fn export_command(
             })
             .collect(),
         snapshot_removed: args.via == Via::Snapshot && source_config.kind == SourceKind::Vsphere,
+        source_bytes_read: exported.source_bytes_read,
         seconds: started.elapsed().as_secs_f64(),
     };
     match args.output {
@@ -417,6 +424,7 @@ async fn export_vsphere(
         manifest_location,
         manifest,
         image_locations,
+        source_bytes_read: None,
     })
 }
 
