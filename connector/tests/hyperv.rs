@@ -5,9 +5,12 @@
 
 #[path = "../../tests/emulators/hyperv/harness.rs"]
 mod hyperv_double;
+#[path = "../../importer/tests/common/mod.rs"]
+mod moto;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use hyperv_double::HypervHost;
 use serde_json::{Value, json};
@@ -16,6 +19,7 @@ const MIB: u64 = 1 << 20;
 
 struct World {
     host: HypervHost,
+    aws: Option<moto::Moto>,
     dir: tempfile::TempDir,
     config: PathBuf,
 }
@@ -28,6 +32,10 @@ impl World {
     /// The double's WS-Management user, and `smb_user` for the files: the double takes
     /// any of its users, Samba only its own (a real host has one account for both).
     fn with(smb_user: &str, smb_password: &str) -> World {
+        World::build(smb_user, smb_password, false)
+    }
+
+    fn build(smb_user: &str, smb_password: &str, with_aws: bool) -> World {
         let host = HypervHost::start(&["--job-polls", "1", "--changes-max", "3"])
             .expect("the Hyper-V double and Samba (run tests/emulators/install.sh)");
         let dir = tempfile::tempdir().unwrap();
@@ -49,19 +57,43 @@ smb_address = "{smb}"
             user = smb_user,
             smb = host.smb_address,
         );
+        let aws = with_aws.then(moto::Moto::start);
+        let mut text = text;
+        if let Some(aws) = &aws {
+            text.push_str(&format!(
+                "\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\nstaging_bucket = \"staging\"\n",
+                aws.endpoint
+            ));
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                let clients = aws.clients().await;
+                moto::create_bucket(&clients, "staging").await;
+            });
+        }
         std::fs::write(&config, text).unwrap();
         let _ = smb_password;
-        World { host, dir, config }
+        World {
+            host,
+            aws,
+            dir,
+            config,
+        }
+    }
+
+    fn command(&self, password: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rehost"));
+        cmd.args(args)
+            .env("REHOST_CONFIG", &self.config)
+            .env("REHOST_TEST_HV1_PASSWORD", password)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("XDG_STATE_HOME", self.dir.path().join("xdg"));
+        cmd
     }
 
     fn rehost_with_password(&self, password: &str, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_rehost"))
-            .args(args)
-            .env("REHOST_CONFIG", &self.config)
-            .env("REHOST_TEST_HV1_PASSWORD", password)
-            .env("XDG_STATE_HOME", self.dir.path().join("xdg"))
-            .output()
-            .unwrap()
+        self.command(password, args).output().unwrap()
     }
 
     fn rehost(&self, args: &[&str]) -> Output {
@@ -336,5 +368,143 @@ fn an_smb_share_that_refuses_the_login_is_named() {
     assert!(
         checkpoints(&world, &vm).is_empty(),
         "the checkpoint was removed"
+    );
+}
+
+#[test]
+fn cleanup_removes_the_checkpoint_of_an_export_killed_mid_job() {
+    let world = World::start();
+    let vm = world.vm("web1", 32 * MIB);
+    // The conversion to a reference point never ends: the export sits there, its images
+    // written and its checkpoint on the VM, when it is killed.
+    world
+        .host
+        .faults(&json!([{"method": "ConvertToReferencePoint", "polls": 100000, "times": 1}]));
+    let out = world.out();
+    let mut child = world
+        .command(
+            hyperv_double::SMB_PASSWORD,
+            &[
+                "export",
+                "--source",
+                "hv1",
+                "--vm",
+                "web1",
+                "--to",
+                out.to_str().unwrap(),
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !world.host.requests()["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["method"] == "ConvertToReferencePoint")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the export never got to its conversion"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL: nothing of rehost's runs after this
+    child.wait().unwrap();
+    let left = checkpoints(&world, &vm);
+    assert_eq!(left.len(), 1, "{left:?}");
+
+    let cleanup = world.json_ok(&["export", "--source", "hv1", "--cleanup", "--output", "json"]);
+    assert_eq!(
+        cleanup["removed"].as_array().map(Vec::len),
+        Some(1),
+        "{cleanup}"
+    );
+    assert!(checkpoints(&world, &vm).is_empty());
+    let again = world.json_ok(&["export", "--source", "hv1", "--cleanup", "--output", "json"]);
+    assert_eq!(again["removed"], json!([]), "{again}");
+}
+
+#[test]
+fn a_job_runs_twice_to_two_verified_amis() {
+    let world = World::build(hyperv_double::SMB_USER, hyperv_double::SMB_PASSWORD, true);
+    let aws = world.aws.as_ref().unwrap();
+    let size = 64 * MIB;
+    let vm = world.vm("web1", size);
+    world.json_ok(&[
+        "servers",
+        "import-catalog",
+        "--source",
+        "hv1",
+        "--output",
+        "json",
+    ]);
+    let job = world.json_ok(&[
+        "jobs",
+        "create",
+        "--server",
+        "web1",
+        "--frequency-hours",
+        "24",
+        "--seed-time",
+        "2099-01-01T00:00:00Z",
+        "--output",
+        "json",
+    ]);
+    let job = job["replicationJobId"].as_str().unwrap().to_owned();
+    let verify = |ami: &str, name: &str| {
+        let file = world.dir.path().join(name);
+        std::fs::write(&file, world.host.read(&vm, 0, 0, size)).unwrap();
+        let v = world.json_ok(&[
+            "snapshot",
+            "verify",
+            ami,
+            "--against",
+            file.to_str().unwrap(),
+            "--endpoint-url",
+            &aws.endpoint,
+            "--output",
+            "json",
+        ]);
+        assert_eq!(v["identical"], true, "{v}");
+    };
+    let run = world.json_ok(&["jobs", "start", &job, "--wait", "--output", "json"]);
+    let first = run["amiId"].as_str().unwrap_or_default().to_owned();
+    assert!(first.starts_with("ami-"), "{run}");
+    verify(&first, "v1.raw");
+    let boot_mode = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let clients = aws.clients().await;
+        let out = clients
+            .ec2
+            .describe_images()
+            .image_ids(&first)
+            .send()
+            .await
+            .unwrap();
+        out.images()[0].boot_mode().map(|m| m.as_str().to_owned())
+    });
+    assert_eq!(
+        boot_mode.as_deref(),
+        Some("uefi"),
+        "generation 2 boots with UEFI"
+    );
+
+    world.host.write_seeded(&vm, 0, 30 * MIB, MIB, 77);
+    world.host.write(&vm, 0, 5 * MIB, &vec![0u8; 512 * 1024]);
+    let run = world.json_ok(&["jobs", "start", &job, "--wait", "--output", "json"]);
+    let second = run["amiId"].as_str().unwrap_or_default().to_owned();
+    assert!(second.starts_with("ami-") && second != first, "{run}");
+    verify(&second, "v2.raw");
+    assert!(checkpoints(&world, &vm).is_empty());
+    let points = world.host.vm(&vm)["reference_points"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        points.len(),
+        1,
+        "the first run's reference point was retired: {points:?}"
     );
 }

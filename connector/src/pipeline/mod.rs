@@ -591,13 +591,14 @@ fn completed_import(
 
 type Boot = (String, String);
 
-/// What the source knows of how the VM boots. Azure's Hyper-V generation is authoritative
-/// (a generation 2 VM boots UEFI whatever its disk's partition table looks like); for the
-/// others the image decides (a GPT with an EFI system partition is UEFI).
+/// What the source knows of how the VM boots. A Hyper-V generation (Azure's or a Hyper-V
+/// host's) is authoritative: a generation 2 VM boots UEFI whatever its disk's partition
+/// table looks like; for vSphere the image decides (a GPT with an EFI system partition is
+/// UEFI).
 fn source_boot_request(manifest: &export::manifest::Manifest) -> Result<BootRequest> {
     let mode = match (manifest.source.kind.as_str(), manifest.vm.firmware) {
-        ("azure", rehost_core::Firmware::Efi) => "uefi",
-        ("azure", rehost_core::Firmware::Bios) => "legacy-bios",
+        ("azure" | "hyperv", rehost_core::Firmware::Efi) => "uefi",
+        ("azure" | "hyperv", rehost_core::Firmware::Bios) => "legacy-bios",
         _ => "auto",
     };
     Ok(BootRequest::parse(mode, "auto")?)
