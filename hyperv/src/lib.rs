@@ -12,7 +12,7 @@ pub mod client;
 pub mod error;
 pub mod files;
 pub mod host;
-mod ntlm_seal;
+pub mod ntlm_seal;
 pub mod smb;
 pub mod source;
 pub mod transport;
