@@ -1,6 +1,6 @@
 //! The README's quick start, run as a newcomer runs it: `scripts/quickstart.sh` (with this
 //! build's binary) replicates a VM whose disk boots Linux from the vCenter emulator (or the
-//! Azure double) into the AWS emulator, verifies the AMI's snapshot against the disk, reads it
+//! Azure or Hyper-V double) into the AWS emulator, verifies the AMI's snapshot against the disk, reads it
 //! back and boots it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,6 +15,11 @@ fn the_quick_start_replicates_a_vm_whose_ami_verifies_and_boots() {
 #[test]
 fn the_azure_quick_start_replicates_a_generation_2_vm_whose_ami_verifies_and_boots() {
     quick_start(&["azure"]);
+}
+
+#[test]
+fn the_hyperv_quick_start_replicates_a_generation_2_vm_whose_ami_verifies_and_boots() {
+    quick_start(&["hyperv"]);
 }
 
 fn quick_start(args: &[&str]) {
