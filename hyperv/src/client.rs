@@ -23,6 +23,8 @@ const MAX_ENVELOPE: u32 = 512_000;
 #[derive(Debug)]
 pub struct Client {
     transport: Transport,
+    /// Singleton services (`Msvm_ImageManagementService`…) by class, found once.
+    pub(crate) services: std::sync::Mutex<std::collections::HashMap<String, Epr>>,
     /// How long a WMI job may run before we give up on it.
     pub job_timeout: Duration,
     /// How often a running job is polled.
@@ -43,6 +45,7 @@ impl Client {
     pub fn new(transport: Transport) -> Client {
         Client {
             transport,
+            services: std::sync::Mutex::default(),
             job_timeout: Duration::from_secs(30 * 60),
             job_poll: Duration::from_millis(500),
         }

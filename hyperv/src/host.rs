@@ -144,8 +144,13 @@ impl Client {
         ))
     }
 
-    /// The instance of a singleton service class, as a reference.
+    /// The instance of a singleton service class, as a reference (asked for once).
     async fn service(&self, class: &str) -> Result<Epr> {
+        if let Ok(known) = self.services.lock()
+            && let Some(epr) = known.get(class)
+        {
+            return Ok(epr.clone());
+        }
         let found = self.wql(V2, &format!("SELECT * FROM {class}")).await?;
         let service = found.first().ok_or_else(|| {
             Error::NotFound(format!("the host has no {class} (is Hyper-V installed?)"))
@@ -163,7 +168,11 @@ impl Client {
             })?;
             keys.push((key, value));
         }
-        Ok(Epr::new(V2, class, &keys))
+        let epr = Epr::new(V2, class, &keys);
+        if let Ok(mut known) = self.services.lock() {
+            known.insert(class.to_owned(), epr.clone());
+        }
+        Ok(epr)
     }
 
     /// Every VM of the host.
@@ -182,15 +191,23 @@ impl Client {
         Ok(vms)
     }
 
-    /// One VM, by name or VM id (GUID, any case).
+    /// One VM, by name or VM id (GUID, any case). Only that VM is described.
     pub async fn find_vm(&self, name_or_id: &str, host_label: &str) -> Result<HyperVm> {
-        let vms = self.vms(host_label).await?;
-        let by_id: Vec<_> = vms
-            .iter()
-            .filter(|vm| vm.guid.eq_ignore_ascii_case(name_or_id))
-            .collect();
-        if let [vm] = by_id.as_slice() {
-            return Ok((*vm).clone());
+        let query = |property: &str| {
+            format!(
+                "SELECT * FROM Msvm_ComputerSystem WHERE Caption = \"Virtual Machine\" AND {property} = {}",
+                wql_quote(name_or_id)
+            )
+        };
+        // A VM id is a GUID, which no sensible name is; WQL compares strings without case.
+        let by_id = self.wql(V2, &query("Name")).await?;
+        if let [system] = by_id.as_slice() {
+            return self.describe(system, host_label).await;
+        }
+        let by_name = self.wql(V2, &query("ElementName")).await?;
+        let mut vms = Vec::with_capacity(by_name.len());
+        for system in &by_name {
+            vms.push(self.describe(system, host_label).await?);
         }
         let by_name: Vec<_> = vms.iter().filter(|vm| vm.info.name == name_or_id).collect();
         match by_name.as_slice() {
@@ -477,12 +494,12 @@ impl Client {
     /// through the guest's VSS when `quiesce`), names it `name`, and returns its InstanceID.
     pub async fn create_checkpoint(
         &self,
-        vm: &HyperVm,
+        vm_guid: &str,
         name: &str,
         quiesce: bool,
     ) -> Result<String> {
         let service = self.service("Msvm_VirtualSystemSnapshotService").await?;
-        let operation = format!("taking a recovery checkpoint of {}", vm.info.name);
+        let operation = format!("taking a recovery checkpoint of VM {vm_guid}");
         let settings = embedded_instance(
             "Msvm_VirtualSystemSnapshotSettingData",
             &[
@@ -495,7 +512,7 @@ impl Client {
                 &service,
                 "CreateSnapshot",
                 &[
-                    ("AffectedSystem", Param::Reference(vm_epr(&vm.guid))),
+                    ("AffectedSystem", Param::Reference(vm_epr(vm_guid))),
                     ("SnapshotSettings", Param::Embedded(settings)),
                     ("SnapshotType", Param::Text(SNAPSHOT_TYPE_RECOVERY.into())),
                 ],

@@ -263,15 +263,15 @@ impl Source for HypervSource {
     }
 
     /// A recovery checkpoint, named `options.name` (rehost's prefix).
+    /// `vm` is the VM id (its `Msvm_ComputerSystem.Name`).
     async fn snapshot(&self, vm: &VmId, options: &SnapshotOptions) -> Result<SnapshotRef> {
-        let found = self.find_vm(&vm.0).await?;
         let checkpoint = self
             .client
-            .create_checkpoint(&found, &options.name, options.quiesce)
+            .create_checkpoint(&vm.0, &options.name, options.quiesce)
             .await?;
         Ok(SnapshotRef {
             vm: vm.clone(),
-            vm_ref: found.guid,
+            vm_ref: vm.0.clone(),
             snapshot_ref: checkpoint,
             name: options.name.clone(),
         })

@@ -53,6 +53,11 @@ pub async fn wait_for_run(
             HumanBytes(run.bytes_moved)
         ));
         if has_ended(run.state) {
+            // A run carried out here may still be tidying up after it completed (retiring
+            // the previous run's base at the source): let it finish before the process ends.
+            if let Some(task) = here.take() {
+                let _ = task.await;
+            }
             bar.finish_and_clear();
             return Ok(run);
         }

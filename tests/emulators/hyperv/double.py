@@ -7,6 +7,7 @@ README.md for what it emulates and PROTOCOL.md for the contract. One process: pr
 /_double/. Needs pyspnego (the NTLM acceptor and message sealing)."""
 
 import argparse
+import socket
 import base64
 import hashlib
 import json
@@ -1658,6 +1659,9 @@ class Server(ThreadingHTTPServer):
 
     def get_request(self):
         sock, addr = super().get_request()
+        # Headers and body go out in separate writes: without this, Nagle's algorithm holds
+        # the body until the client's delayed ACK (~40 ms a request), which Windows does not.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, addr
 
 
