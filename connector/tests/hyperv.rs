@@ -61,7 +61,7 @@ smb_address = "{smb}"
         let mut text = text;
         if let Some(aws) = &aws {
             text.push_str(&format!(
-                "\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\nstaging_bucket = \"staging\"\n",
+                "\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\nstaging_bucket = \"staging\"\n\n[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"REHOST_TEST_API_TOKEN\"\n",
                 aws.endpoint
             ));
             tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -84,6 +84,7 @@ smb_address = "{smb}"
         cmd.args(args)
             .env("REHOST_CONFIG", &self.config)
             .env("REHOST_TEST_HV1_PASSWORD", password)
+            .env("REHOST_TEST_API_TOKEN", "test-token-0123456789abcdef")
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("AWS_REGION", "us-east-1")
@@ -506,5 +507,36 @@ fn a_job_runs_twice_to_two_verified_amis() {
         points.len(),
         1,
         "the first run's reference point was retired: {points:?}"
+    );
+
+    // Deleting the job (carried out by the connector) deletes the reference point it kept.
+    world.json_ok(&["jobs", "delete", &job, "--keep-amis", "--output", "json"]);
+    let mut serve = world
+        .command(hyperv_double::SMB_PASSWORD, &["serve"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let shown = world.json_ok(&["jobs", "show", &job, "--output", "json"]);
+        if shown["replicationJob"]["state"] == "DELETED" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job was never deleted: {shown}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let points = world.host.vm(&vm)["reference_points"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(
+        points.is_empty(),
+        "the job's reference point went with it: {points:?}"
     );
 }

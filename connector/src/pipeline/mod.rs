@@ -223,6 +223,9 @@ async fn retire_azure_base(ctx: &RunContext, job: &Job, manifest: &export::manif
 /// never outlive a run). A snapshot already gone is fine.
 pub async fn release_source_bases(config: &Config, store: &SharedStore, job: &Job) -> Result<()> {
     let source = config.source(&job.source)?;
+    if source.kind == SourceKind::Hyperv {
+        return release_hyperv_base(config, store, job, source).await;
+    }
     if source.kind != SourceKind::Azure {
         return Ok(());
     }
@@ -238,6 +241,39 @@ pub async fn release_source_bases(config: &Config, store: &SharedStore, job: &Jo
     for snapshot in snapshots {
         azure.delete_snapshot(snapshot).await?;
         tracing::info!(job = %job.id, snapshot, "deleted the base snapshot the job kept");
+    }
+    Ok(())
+}
+
+/// Hyper-V: a deleted job's last reference point (the RCT ids its lineage keeps) goes with
+/// it. A reference point already gone is fine.
+async fn release_hyperv_base(
+    config: &Config,
+    store: &SharedStore,
+    job: &Job,
+    source: &crate::config::SourceConfig,
+) -> Result<()> {
+    let lineage = store.with(|s| s.lineage(&job.id))?;
+    let kept: Vec<&str> = lineage
+        .iter()
+        .filter_map(|l| l.last_change_id.as_deref())
+        .collect();
+    if kept.is_empty() {
+        return Ok(());
+    }
+    let hyperv = crate::sources::connect_hyperv(config, source)?;
+    for point in hyperv.client().reference_points(&job.vm_id).await? {
+        if point
+            .disks
+            .iter()
+            .any(|(_, rct)| kept.contains(&rct.as_str()))
+        {
+            hyperv
+                .client()
+                .destroy_reference_point(&point.instance_id)
+                .await?;
+            tracing::info!(job = %job.id, point = %point.instance_id, "deleted the reference point the job kept");
+        }
     }
     Ok(())
 }
