@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use rehost_vsphere::tls::thumbprint_of;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -74,16 +74,6 @@ pub fn load(cert_file: &Path, key_file: &Path) -> Result<TlsSettings> {
         config: Arc::new(config),
         thumbprint,
     })
-}
-
-/// SHA-256 of a DER certificate as `AB:CD:…`, as `openssl x509 -fingerprint -sha256` and
-/// `govc about.cert -thumbprint` print it.
-pub fn thumbprint_of(cert: &[u8]) -> String {
-    Sha256::digest(cert)
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// A TLS listener for `axum::serve`.
