@@ -20,7 +20,7 @@ use super::manifest::{Manifest, SourceEntry};
 use super::target::Target;
 use super::{
     Base, ExportRequest, Exported, ManifestHead, SNAPSHOT_MARKER, SNAPSHOT_PREFIX, export_disk,
-    file_safe, new_export_id, on_data, write_manifest,
+    file_safe, new_export_id, on_data, release_failed, settle_removal, write_manifest,
 };
 use crate::store::SharedStore;
 
@@ -123,7 +123,7 @@ pub async fn export(
     let (manifest_location, manifest) = match outcome {
         Ok(done) => done,
         Err(err) => {
-            release(ledger, azure, entry, &snapshot).await;
+            release_failed(ledger, azure, entry, &snapshot).await;
             return Err(err);
         }
     };
@@ -161,41 +161,22 @@ pub async fn retire_base(azure: &AzureSource, manifest: &Manifest) -> Result<()>
     Ok(())
 }
 
-/// Deletes this export's snapshots after a failure; the ledger entry stays open (for
-/// `--cleanup`) if that fails too.
-async fn release(ledger: &SharedStore, azure: &AzureSource, entry: i64, snapshot: &SnapshotRef) {
-    match azure.release(snapshot).await {
-        Ok(()) => {
-            let _ = ledger.with(|s| s.snapshot_removed(entry));
-        }
-        Err(err) => {
-            tracing::warn!(snapshot = %snapshot.name, error = %err, "could not delete the export's snapshots");
-            let _ = ledger.with(|s| s.snapshot_removal_failed(entry, &err.to_string()));
-        }
-    }
-}
-
 /// Deletes every snapshot tagged as part of the set `name` (a set whose creation was
 /// interrupted), closing the ledger entry when all are gone.
 pub async fn remove_tagged(ledger: &SharedStore, azure: &AzureSource, entry: i64, name: &str) {
     let _ = azure.end_access().await;
+    let mut failures = Vec::new();
     match azure.tagged_snapshots().await {
         Ok(tagged) => {
-            let mut all_gone = true;
             for (id, _) in tagged.iter().filter(|(_, tag)| tag == name) {
                 if let Err(err) = azure.delete_snapshot(id).await {
-                    all_gone = false;
-                    let _ = ledger.with(|s| s.snapshot_removal_failed(entry, &err.to_string()));
+                    failures.push(err.to_string());
                 }
             }
-            if all_gone {
-                let _ = ledger.with(|s| s.snapshot_removed(entry));
-            }
         }
-        Err(err) => {
-            let _ = ledger.with(|s| s.snapshot_removal_failed(entry, &err.to_string()));
-        }
+        Err(err) => failures.push(err.to_string()),
     }
+    settle_removal(ledger, entry, &failures);
 }
 
 struct AzureExport<'a> {

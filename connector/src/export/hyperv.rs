@@ -22,7 +22,7 @@ use super::manifest::{DiskEntry, Manifest, SourceEntry};
 use super::target::Target;
 use super::{
     Base, ExportRequest, Exported, ManifestHead, SNAPSHOT_MARKER, SNAPSHOT_PREFIX, export_disk,
-    file_safe, new_export_id, on_data, write_manifest,
+    file_safe, new_export_id, on_data, release_failed, settle_removal, write_manifest,
 };
 use crate::store::SharedStore;
 
@@ -125,7 +125,7 @@ pub async fn export(
     let mut disks = match written {
         Ok(disks) => disks,
         Err(err) => {
-            release(ledger, hyperv, entry, &snapshot).await;
+            release_failed(ledger, hyperv, entry, &snapshot).await;
             return Err(err);
         }
     };
@@ -138,7 +138,7 @@ pub async fn export(
     let point = match converted {
         Ok(point) => point,
         Err(err) => {
-            release(ledger, hyperv, entry, &snapshot).await;
+            release_failed(ledger, hyperv, entry, &snapshot).await;
             return Err(err);
         }
     };
@@ -221,20 +221,6 @@ pub async fn retire_base(hyperv: &HypervSource, vm_guid: &str, manifest: &Manife
     Ok(())
 }
 
-/// Deletes a failed export's checkpoint; the ledger entry stays open (for `--cleanup`) if
-/// that fails too.
-async fn release(ledger: &SharedStore, hyperv: &HypervSource, entry: i64, snapshot: &SnapshotRef) {
-    match hyperv.release(snapshot).await {
-        Ok(()) => {
-            let _ = ledger.with(|s| s.snapshot_removed(entry));
-        }
-        Err(err) => {
-            tracing::warn!(checkpoint = %snapshot.name, error = %err, "could not delete the export's checkpoint");
-            let _ = ledger.with(|s| s.snapshot_removal_failed(entry, &err.to_string()));
-        }
-    }
-}
-
 /// Deletes every checkpoint of the VM named `name` (one whose creation was interrupted),
 /// closing the ledger entry when none is left.
 pub async fn remove_named(
@@ -244,27 +230,22 @@ pub async fn remove_named(
     vm_guid: &str,
     name: &str,
 ) {
+    let mut failures = Vec::new();
     match hyperv.client().checkpoints(vm_guid).await {
         Ok(checkpoints) => {
-            let mut all_gone = true;
             for checkpoint in checkpoints.iter().filter(|c| c.name == name) {
                 if let Err(err) = hyperv
                     .client()
                     .destroy_checkpoint(&checkpoint.instance_id)
                     .await
                 {
-                    all_gone = false;
-                    let _ = ledger.with(|s| s.snapshot_removal_failed(entry, &err.to_string()));
+                    failures.push(err.to_string());
                 }
             }
-            if all_gone {
-                let _ = ledger.with(|s| s.snapshot_removed(entry));
-            }
         }
-        Err(err) => {
-            let _ = ledger.with(|s| s.snapshot_removal_failed(entry, &err.to_string()));
-        }
+        Err(err) => failures.push(err.to_string()),
     }
+    settle_removal(ledger, entry, &failures);
 }
 
 /// `rehost export --cleanup` on a Hyper-V host: every checkpoint named with rehost's

@@ -996,22 +996,47 @@ pub async fn remove_by_name(
     vm: &MoRef,
     name: &str,
 ) {
+    let mut failures = Vec::new();
     match client.list_snapshots(vm).await {
         Ok(snapshots) => {
-            let mut all_gone = true;
             for snap in snapshots.iter().filter(|s| s.name == name) {
                 if let Err(err) = client.remove_snapshot(&snap.snapshot).await {
-                    all_gone = false;
-                    let _ = ledger.with(|s| s.snapshot_removal_failed(entry, &err.to_string()));
+                    failures.push(err.to_string());
                 }
             }
-            if all_gone {
-                let _ = ledger.with(|s| s.snapshot_removed(entry));
-            }
         }
+        Err(err) => failures.push(err.to_string()),
+    }
+    settle_removal(ledger, entry, &failures);
+}
+
+/// Removes a failed or interrupted export's snapshot (a source that keeps its snapshot on
+/// success: Azure, Hyper-V); the ledger entry stays open for `--cleanup` if that fails too.
+pub(crate) async fn release_failed<S: Source>(
+    ledger: &SharedStore,
+    source: &S,
+    entry: i64,
+    snapshot: &SnapshotRef,
+) {
+    let failures = match source.release(snapshot).await {
+        Ok(()) => Vec::new(),
         Err(err) => {
-            let _ = ledger.with(|s| s.snapshot_removal_failed(entry, &err.to_string()));
+            tracing::warn!(snapshot = %snapshot.name, error = %err, "could not remove the failed export's snapshot");
+            vec![err.to_string()]
         }
+    };
+    settle_removal(ledger, entry, &failures);
+}
+
+/// Records how removing ledger entry `entry`'s snapshots went: closed when they were
+/// listed and all removed, each failure recorded otherwise (the entry then stays open for
+/// `--cleanup`). Shared by every source's leftover removal.
+pub(crate) fn settle_removal(ledger: &SharedStore, entry: i64, failures: &[String]) {
+    if failures.is_empty() {
+        let _ = ledger.with(|s| s.snapshot_removed(entry));
+    }
+    for failure in failures {
+        let _ = ledger.with(|s| s.snapshot_removal_failed(entry, failure));
     }
 }
 
