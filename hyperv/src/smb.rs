@@ -85,13 +85,7 @@ impl SmbOpener {
     }
 
     fn config(&self) -> ClientConfig {
-        let (domain, user) = match self.settings.user.split_once('\\') {
-            Some((d, u)) => (d.to_owned(), u.to_owned()),
-            None => match self.settings.user.split_once('@') {
-                Some((u, d)) => (d.to_owned(), u.to_owned()),
-                None => (String::new(), self.settings.user.clone()),
-            },
-        };
+        let (domain, user) = crate::transport::split_user(&self.settings.user);
         ClientConfig {
             addr: self.settings.address.clone(),
             username: user,

@@ -70,27 +70,16 @@ impl HypervSource {
     async fn open_disk(&self, path: &str) -> Result<Arc<Disk>> {
         let files = self.files.clone();
         let path = path.to_owned();
-        tokio::task::spawn_blocking(move || Disk::open_with(&files, &path))
-            .await
-            .map_err(|e| Error::Smb {
-                operation: "opening a disk".into(),
-                detail: e.to_string(),
-                kind: rehost_core::ErrorKind::Transient,
-            })?
-            .map(Arc::new)
-            .map_err(Error::Image)
+        let disk = blocking("opening a disk", move || Disk::open_with(&files, &path)).await?;
+        Ok(Arc::new(disk))
     }
 
     async fn map(disk: &Arc<Disk>) -> Result<Vec<rehost_core::MapExtent>> {
         let disk = disk.clone();
-        tokio::task::spawn_blocking(move || disk.map_range(0, disk.virtual_size()))
-            .await
-            .map_err(|e| Error::Smb {
-                operation: "mapping a disk".into(),
-                detail: e.to_string(),
-                kind: rehost_core::ErrorKind::Transient,
-            })?
-            .map_err(Error::Image)
+        blocking("mapping a disk", move || {
+            disk.map_range(0, disk.virtual_size())
+        })
+        .await
     }
 
     async fn read(
@@ -169,7 +158,7 @@ impl HypervSource {
 async fn read_piece(disk: Arc<Disk>, offset: u64, len: u64) -> Result<Extent> {
     let size =
         usize::try_from(len).map_err(|_| Error::Unsupported(format!("a read of {len} bytes")))?;
-    tokio::task::spawn_blocking(move || {
+    blocking(format!("reading {len} bytes at {offset}"), move || {
         let mut buf = vec![0u8; size];
         disk.read_at(&mut buf, offset)?;
         Ok(Extent::Data {
@@ -178,11 +167,22 @@ async fn read_piece(disk: Arc<Disk>, offset: u64, len: u64) -> Result<Extent> {
         })
     })
     .await
-    .map_err(|e| Error::Smb {
-        operation: format!("reading {len} bytes at {offset}"),
-        detail: e.to_string(),
-        kind: rehost_core::ErrorKind::Transient,
-    })?
+}
+
+/// Runs the synchronous disk-image code (SMB reads underneath) on a blocking thread; a
+/// thread that died is a transient failure of `operation`.
+async fn blocking<T: Send + 'static>(
+    operation: impl Into<String>,
+    work: impl FnOnce() -> rehost_diskimage::Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Smb {
+            operation: operation.into(),
+            detail: e.to_string(),
+            kind: rehost_core::ErrorKind::Transient,
+        })?
+        .map_err(Error::Image)
 }
 
 /// The areas of a full copy: the map's data, widened to whole EBS blocks. With

@@ -56,14 +56,20 @@ impl std::fmt::Debug for Credentials {
 impl Credentials {
     /// (domain, user) as NTLM wants them.
     fn split(&self) -> (String, String) {
-        if let Some((domain, user)) = self.user.split_once('\\') {
-            return (domain.to_owned(), user.to_owned());
-        }
-        if let Some((user, domain)) = self.user.split_once('@') {
-            return (domain.to_owned(), user.to_owned());
-        }
-        (String::new(), self.user.clone())
+        split_user(&self.user)
     }
+}
+
+/// `DOMAIN\user`, `user@domain` or `user` as (domain, user), the domain empty for a local
+/// account: what NTLM takes, for WinRM and SMB alike.
+pub fn split_user(user: &str) -> (String, String) {
+    if let Some((domain, name)) = user.split_once('\\') {
+        return (domain.to_owned(), name.to_owned());
+    }
+    if let Some((name, domain)) = user.split_once('@') {
+        return (domain.to_owned(), name.to_owned());
+    }
+    (String::new(), user.to_owned())
 }
 
 /// Where and how to connect.
