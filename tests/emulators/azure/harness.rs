@@ -21,8 +21,10 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+#[path = "../http.rs"]
+mod http;
+
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -116,19 +118,7 @@ impl AzureDouble {
 
     /// Any control (or other plain) call: status and JSON body (`null` when empty).
     pub fn control(&self, method: &str, path: &str, body: &Value) -> Result<(u16, Value), String> {
-        let text = if body.is_null() {
-            Vec::new()
-        } else {
-            body.to_string().into_bytes()
-        };
-        let (status, bytes) = http_request(&self.addr, method, path, &text)?;
-        let value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-        };
-        Ok((status, value))
+        http::json_call(&self.addr, method, path, body)
     }
 
     fn ok(&self, method: &str, path: &str, body: &Value) -> Value {
@@ -173,7 +163,7 @@ impl AzureDouble {
             "/_double/disks/read?disk_id={}&offset={offset}&length={length}",
             enc(disk_id)
         );
-        let (status, bytes) = http_request(&self.addr, "GET", &path, &[]).expect("read");
+        let (status, bytes) = http::http_request(&self.addr, "GET", &path, &[]).expect("read");
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
         bytes
     }
@@ -231,42 +221,4 @@ fn enc(s: &str) -> String {
         }
     }
     out
-}
-
-/// A minimal HTTP/1.1 client (one request per connection, `Connection: close`).
-fn http_request(
-    addr: &str,
-    method: &str,
-    path: &str,
-    body: &[u8],
-) -> Result<(u16, Vec<u8>), String> {
-    let err = |what: &str, e: std::io::Error| format!("{what} {method} {path} at {addr}: {e}");
-    let mut stream = TcpStream::connect(addr).map_err(|e| err("connecting for", e))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .map_err(|e| err("configuring", e))?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\
-         Content-Type: application/json\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream
-        .write_all(head.as_bytes())
-        .and_then(|_| stream.write_all(body))
-        .map_err(|e| err("sending", e))?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .map_err(|e| err("reading the answer to", e))?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| format!("{method} {path}: no HTTP header in the answer"))?;
-    let header = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let status: u16 = header
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("{method} {path}: bad status line in {header:?}"))?;
-    Ok((status, raw[split + 4..].to_vec()))
 }

@@ -17,8 +17,10 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+#[path = "../http.rs"]
+mod http;
+
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -136,44 +138,7 @@ impl HypervHost {
 
     /// A control API call; answers (status, JSON or string).
     pub fn control(&self, method: &str, path: &str, body: &Value) -> Result<(u16, Value), String> {
-        let text = if body.is_null() {
-            Vec::new()
-        } else {
-            body.to_string().into_bytes()
-        };
-        let mut stream = TcpStream::connect(&self.addr).map_err(|e| e.to_string())?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(120)))
-            .map_err(|e| e.to_string())?;
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.addr,
-            text.len()
-        );
-        stream
-            .write_all(head.as_bytes())
-            .map_err(|e| e.to_string())?;
-        stream.write_all(&text).map_err(|e| e.to_string())?;
-        let mut reply = Vec::new();
-        stream.read_to_end(&mut reply).map_err(|e| e.to_string())?;
-        let split = reply
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or("no HTTP header end")?;
-        let header = String::from_utf8_lossy(&reply[..split]).into_owned();
-        let status: u16 = header
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or("no status")?;
-        let body = &reply[split + 4..];
-        let value = if body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(body)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
-        };
-        Ok((status, value))
+        http::json_call(&self.addr, method, path, body)
     }
 
     fn ok(&self, method: &str, path: &str, body: &Value) -> Value {
