@@ -1,5 +1,5 @@
 //! Page ranges: the blob service's `<PageList>` answer, read purely from bytes, and the plan
-//! of a disk read made from it — 512 KiB blocks to read, blocks known to be zero, and the
+//! of a disk read made from it — 64 KiB grains to read, grains known to be zero, and the
 //! rest unchanged.
 //!
 //! A managed disk's blob is a fixed VHD: the disk's bytes and then a 512-byte footer, whose

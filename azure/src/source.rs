@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures::{StreamExt, stream};
 use rehost_core::{
-    ChangeToken, DiskId, DiskRead, EBS_BLOCK_SIZE, Extent, SnapshotOptions, SnapshotRef, Source,
+    ChangeToken, DiskId, DiskRead, Extent, READ_ALIGNMENT, SnapshotOptions, SnapshotRef, Source,
     VmId, VmInfo,
 };
 use reqwest::Method;
@@ -391,7 +391,7 @@ impl AzureSource {
         let ranges = self
             .page_ranges(&sas, previous_sas.as_deref(), &operation)
             .await?;
-        let areas = plan_areas(&ranges, capacity, EBS_BLOCK_SIZE);
+        let areas = plan_areas(&ranges, capacity, READ_ALIGNMENT);
         let data_bytes: u64 = areas
             .iter()
             .filter(|a| a.kind == AreaKind::Read)

@@ -254,10 +254,17 @@ fn full_then_incremental_exports_decode_to_the_disk_at_checkpoint_time() {
         "json",
     ]);
     assert_eq!(incremental["kind"], "incremental", "{incremental}");
-    // Changed since the full export's checkpoint: the two writes above (one block each)
-    // and the 1 MiB the VM wrote while that export ran (two blocks).
+    // Changed since the full export's checkpoint: the two writes above (one 64 KiB grain
+    // each) and the 1 MiB the VM wrote while that export ran (two whole 512 KiB blocks).
     let read = incremental["disks"][0]["data_bytes"].as_u64().unwrap();
-    assert_eq!(read, 4 * 512 * 1024, "only the changed blocks are read");
+    assert_eq!(
+        read,
+        MIB + 2 * 64 * 1024,
+        "only the changed grains are read"
+    );
+    // The rest of the two blocks changed in part comes from the full export's image.
+    let from_base = incremental["disks"][0]["base_bytes_read"].as_u64().unwrap();
+    assert_eq!(from_base, 2 * 512 * 1024, "{incremental}");
     let delta = PathBuf::from(incremental["disks"][0]["image"].as_str().unwrap());
     assert_eq!(
         checksum(&delta),

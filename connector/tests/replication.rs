@@ -432,8 +432,9 @@ fn on_demand_runs_go_full_then_incremental_and_keep_the_newest_ami() {
     assert_no_rehost_snapshot(&world);
     let snapshot1 = world.root_snapshot(&ami1);
 
-    // Three 512 KiB blocks change; the second run writes exactly those.
-    for (offset, seed) in [(5 * MIB, 3u8), (9 * MIB + 100, 4), (20 * MIB, 5)] {
+    // Three 512 KiB blocks change (the first of them held data, the others zeros); the
+    // second run writes exactly those.
+    for (offset, seed) in [(MIB + 4096, 3u8), (9 * MIB + 100, 4), (20 * MIB, 5)] {
         let mut bytes = vec![0u8; 4096];
         fill(&mut bytes, seed);
         world.vc.disk_write(VM, KEY, offset as u64, &bytes).unwrap();
@@ -448,6 +449,16 @@ fn on_demand_runs_go_full_then_incremental_and_keep_the_newest_ami() {
         world.put_block_count(),
         3,
         "only the changed blocks are written"
+    );
+    // Only the three changed 64 KiB grains were read from the VM. The rest of their
+    // blocks came from the first run's snapshot (its staged image is gone): the one that
+    // held data read once by the export to digest it and once by the import to merge it;
+    // the two the first run never wrote are zeros, known from the block list.
+    let stats = world.aws.stats();
+    assert_eq!(
+        stats["requests"]["ebs:GetSnapshotBlock"].as_u64(),
+        Some(2),
+        "{stats}"
     );
     world.verify(&ami2, &world.disk_file("v2.raw"));
     assert_no_rehost_snapshot(&world);

@@ -20,6 +20,12 @@ use serde::{Deserialize, Serialize};
 /// The block size of EBS direct APIs: the only size `PutSnapshotBlock` accepts.
 pub const EBS_BLOCK_SIZE: u64 = 512 * 1024;
 
+/// How sources align the areas they read: the VMDK grain, the coarsest unit an export's
+/// images store (a VHD stores sectors). Not the EBS block: the unchanged rest of a 512 KiB
+/// block the source changed only in part comes from the previous export, never from the
+/// hypervisor again.
+pub const READ_ALIGNMENT: u64 = 64 * 1024;
+
 /// The sector size every format we handle addresses in.
 pub const SECTOR_SIZE: u64 = 512;
 

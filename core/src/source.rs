@@ -163,7 +163,9 @@ pub trait Source: Send + Sync {
 
     /// Reads `disk` as it is in `snapshot`: with `since`, only what changed after that
     /// token (the rest is `Extent::Unchanged`); without, every allocated area (the rest
-    /// `Unchanged`, i.e. unallocated). Extents are aligned to the EBS block (512 KiB).
+    /// `Unchanged`, i.e. unallocated). Extents are aligned to [`crate::READ_ALIGNMENT`]
+    /// (64 KiB), not to the EBS block: an export digests a block changed only in part over
+    /// the previous export's bytes.
     fn read_disk(
         &self,
         snapshot: &SnapshotRef,

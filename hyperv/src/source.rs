@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::{StreamExt, stream};
 use rehost_core::plan::{Area, AreaKind, Piece, plan_pieces};
 use rehost_core::{
-    ChangeToken, DiskId, DiskRead, EBS_BLOCK_SIZE, Extent, ExtentKind, SnapshotOptions,
+    ChangeToken, DiskId, DiskRead, Extent, ExtentKind, READ_ALIGNMENT, SnapshotOptions,
     SnapshotRef, Source, VmId, VmInfo,
 };
 use rehost_diskimage::Disk;
@@ -109,7 +109,7 @@ impl HypervSource {
                 .changed_ranges(&frozen.path, &token.0, capacity)
                 .await
             {
-                Ok(ranges) => widen(&ranges, capacity, EBS_BLOCK_SIZE),
+                Ok(ranges) => widen(&ranges, capacity, READ_ALIGNMENT),
                 Err(Error::RctInvalid { detail, .. }) => {
                     // Every allocated block is read, and every other one written as zero:
                     // a delta that no longer relies on knowing what changed.
@@ -194,7 +194,7 @@ fn allocated_areas(map: &[rehost_core::MapExtent], zero_the_rest: bool) -> Vec<A
         .filter(|e| e.kind == ExtentKind::Data)
         .map(|e| (e.offset, e.len))
         .collect();
-    let reads = widen(&data, capacity, EBS_BLOCK_SIZE);
+    let reads = widen(&data, capacity, READ_ALIGNMENT);
     if !zero_the_rest {
         return reads;
     }
@@ -222,7 +222,7 @@ fn allocated_areas(map: &[rehost_core::MapExtent], zero_the_rest: bool) -> Vec<A
 }
 
 /// Sorted byte ranges widened to whole `block`s (the last one clipped to `capacity`) and
-/// merged: what the EBS-aligned extents of the trait must cover.
+/// merged: what the aligned extents of the trait must cover.
 pub fn widen(ranges: &[(u64, u64)], capacity: u64, block: u64) -> Vec<Area> {
     let mut areas: Vec<Area> = Vec::new();
     for &(offset, len) in ranges {
@@ -297,7 +297,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const B: u64 = EBS_BLOCK_SIZE;
+    const B: u64 = rehost_core::EBS_BLOCK_SIZE;
 
     #[test]
     fn ranges_widen_to_blocks_and_merge() {
@@ -328,12 +328,14 @@ mod tests {
                 kind: ExtentKind::Zero,
             },
         ];
+        // Reads are widened to whole grains, not whole EBS blocks.
+        const G: u64 = READ_ALIGNMENT;
         let full = allocated_areas(&map, false);
         assert_eq!(
             full,
             vec![Area {
                 offset: B,
-                len: B,
+                len: G,
                 kind: AreaKind::Read
             }]
         );
@@ -345,8 +347,8 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![
                 (0, B, AreaKind::Zero),
-                (B, B, AreaKind::Read),
-                (2 * B, 2 * B, AreaKind::Zero)
+                (B, G, AreaKind::Read),
+                (B + G, 3 * B - G, AreaKind::Zero)
             ]
         );
     }

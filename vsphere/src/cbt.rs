@@ -1,5 +1,5 @@
 //! Changed block tracking: turning it on, asking which areas changed (vCenter answers
-//! part of the disk per call), widening the areas to EBS blocks, and the tasks running on
+//! part of the disk per call), widening the areas to whole grains (`READ_ALIGNMENT`), and the tasks running on
 //! a VM.
 
 use std::future::Future;

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use futures::{StreamExt, stream};
 use rehost_core::plan::{Area, AreaKind, Piece, plan_pieces};
 use rehost_core::{
-    ChangeToken, DiskId, DiskRead, EBS_BLOCK_SIZE, Extent, SnapshotOptions, SnapshotRef, Source,
+    ChangeToken, DiskId, DiskRead, Extent, READ_ALIGNMENT, SnapshotOptions, SnapshotRef, Source,
     VmId, VmInfo,
 };
 use tracing::info;
@@ -88,7 +88,7 @@ impl VsphereSource {
             .client
             .changed_areas(&vm, &snap, frozen.key, change_id, capacity)
             .await?;
-        let areas = widen_and_merge(&areas, EBS_BLOCK_SIZE, capacity);
+        let areas = widen_and_merge(&areas, READ_ALIGNMENT, capacity);
         let data_bytes = areas.iter().map(|(_, len)| len).sum();
         let datacenter = self.client.datacenter_of(&vm).await?;
         let file = DatastoreFile::new(

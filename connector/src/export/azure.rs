@@ -45,10 +45,7 @@ pub async fn export(
     if found.disks.is_empty() {
         bail!("{} has no managed disk to export", vm.name);
     }
-    let base = match &request.base {
-        Some(location) => Some(Base::load(location, clients.as_ref(), vm).await?),
-        None => None,
-    };
+    let base = Base::of_request(request, clients.as_ref(), vm).await?;
     if let Some(base) = &base
         && let Some(entry) = base
             .manifest

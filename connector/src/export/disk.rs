@@ -25,6 +25,25 @@ pub struct Parent {
     /// Where the parent's image is.
     pub location: String,
     pub digests: Vec<[u8; 32]>,
+    /// Where the unchanged rest of a block the source changed only in part is read.
+    pub bytes_from: ParentBytesFrom,
+}
+
+/// Where the parent's bytes of a partly changed block are read: never the source, which
+/// is read only for what changed.
+#[derive(Debug, Clone)]
+pub enum ParentBytesFrom {
+    /// The base export's image chain, in a folder or S3 (`rehost export --base`).
+    Image {
+        location: String,
+        clients: Option<rehost_importer::aws::Clients>,
+    },
+    /// The EBS snapshot the base export was imported into (a replication run, whose
+    /// staged images are deleted once imported): GetSnapshotBlock.
+    Snapshot {
+        snapshot_id: String,
+        clients: rehost_importer::aws::Clients,
+    },
 }
 
 /// The image format an export writes.
@@ -81,6 +100,9 @@ pub struct DiskWritten {
     pub id: ImageId,
     pub digests: Vec<[u8; 32]>,
     pub disk_sha256: Option<String>,
+    /// Bytes read from the parent's image to digest blocks the source changed only in
+    /// part (the rest of such a block is the parent's, which is not read from the source).
+    pub parent_bytes_read: u64,
 }
 
 /// Extents in flight between the reader and the writer: with 4 MiB reads, 32 MiB.
@@ -263,7 +285,21 @@ fn write_blocking(
     };
     // A full export also hashes the whole disk; an incremental reads too little for that.
     let mut disk_hash = job.parent.is_none().then(Sha256::new);
-    let mut digests = BlockDigests::new(capacity, job.parent.map(|p| p.digests))?;
+    let mut digests = match job.parent {
+        Some(parent) => {
+            let read = match parent.bytes_from {
+                ParentBytesFrom::Image { location, clients } => {
+                    image_bytes(location, clients, job.handle.clone())
+                }
+                ParentBytesFrom::Snapshot {
+                    snapshot_id,
+                    clients,
+                } => snapshot_bytes(snapshot_id, clients, job.handle.clone()),
+            };
+            BlockDigests::new(capacity, Some(parent.digests))?.with_parent_bytes(read)
+        }
+        None => BlockDigests::new(capacity, None)?,
+    };
     let mut data_bytes = 0u64;
     for extent in extents {
         let extent = extent?;
@@ -285,6 +321,7 @@ fn write_blocking(
         writer.put(extent)?;
     }
     writer.finish()?;
+    let parent_bytes_read = digests.parent_bytes_read();
     let digests = digests.finish()?;
     let image = out.take()?.finish()?;
     // Read back from what was written: the id a child will be checked against.
@@ -305,6 +342,93 @@ fn write_blocking(
         id,
         digests,
         disk_sha256: disk_hash.map(|h| hex::encode(h.finalize())),
+        parent_bytes_read,
+    })
+}
+
+/// Reads the parent's image chain (the previous exports, local or in S3) for blocks the
+/// source changed only in part. Opened at the first such block: an incremental whose
+/// changes all fill whole blocks never touches it. Runs on the writer's blocking thread.
+fn image_bytes(
+    location: String,
+    clients: Option<rehost_importer::aws::Clients>,
+    handle: tokio::runtime::Handle,
+) -> rehost_diskimage::checksum::ParentBytes {
+    use rehost_importer::s3::{S3Fs, S3Url};
+    let mut chain: Option<rehost_diskimage::Disk> = None;
+    Box::new(move |offset, buf| {
+        let disk = match &mut chain {
+            Some(disk) => disk,
+            None => {
+                let opened = if S3Url::is_s3(&location) {
+                    let url = S3Url::parse(&location).map_err(|e| {
+                        rehost_diskimage::Error::InvalidInput(format!("{location}: {e}"))
+                    })?;
+                    let Some(clients) = &clients else {
+                        return Err(rehost_diskimage::Error::InvalidInput(format!(
+                            "{location}: reading the base export from S3 needs AWS clients"
+                        )));
+                    };
+                    let fs = S3Fs::new(clients.s3.clone(), url.bucket.clone(), handle.clone());
+                    rehost_diskimage::Disk::open_with(&fs, &url.key)?
+                } else {
+                    rehost_diskimage::Disk::open(&location)?
+                };
+                chain.insert(opened)
+            }
+        };
+        disk.read_at(buf, offset)
+    })
+}
+
+/// Reads the EBS snapshot the parent export became, for blocks the source changed only in
+/// part: the snapshot's block list once (at the first such block), then one
+/// GetSnapshotBlock per block (checked against EBS's checksum; a block the snapshot never
+/// wrote reads as zeros). Runs on the writer's blocking thread.
+fn snapshot_bytes(
+    snapshot_id: String,
+    clients: rehost_importer::aws::Clients,
+    handle: tokio::runtime::Handle,
+) -> rehost_diskimage::checksum::ParentBytes {
+    use rehost_diskimage::checksum::DIGEST_BLOCK_SIZE;
+    use rehost_importer::ebs::read;
+    let retry = rehost_importer::retry::RetryPolicy::default();
+    let mut tokens: Option<std::collections::BTreeMap<u64, String>> = None;
+    let failed = |e: rehost_importer::Error| {
+        rehost_diskimage::Error::InvalidInput(format!("reading the base snapshot: {e}"))
+    };
+    Box::new(move |offset, buf| {
+        let tokens = match &mut tokens {
+            Some(tokens) => tokens,
+            None => tokens.insert(
+                handle
+                    .block_on(read::list_blocks(&clients.ebs, &retry, &snapshot_id))
+                    .map_err(failed)?,
+            ),
+        };
+        let index = offset / DIGEST_BLOCK_SIZE;
+        if offset % DIGEST_BLOCK_SIZE != 0 || buf.len() as u64 > DIGEST_BLOCK_SIZE {
+            return Err(rehost_diskimage::Error::InvalidInput(format!(
+                "{} bytes at {offset} is not (part of) one block of snapshot {snapshot_id}",
+                buf.len()
+            )));
+        }
+        match tokens.get(&index) {
+            Some(token) => {
+                let block = handle
+                    .block_on(read::get_block(
+                        &clients.ebs,
+                        &retry,
+                        &snapshot_id,
+                        index,
+                        token,
+                    ))
+                    .map_err(failed)?;
+                buf.copy_from_slice(&block[..buf.len()]);
+            }
+            None => buf.fill(0),
+        }
+        Ok(())
     })
 }
 

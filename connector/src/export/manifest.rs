@@ -80,6 +80,10 @@ pub struct DiskEntry {
     pub parent_image: Option<String>,
     /// Disk bytes read from the source and stored in the image.
     pub data_bytes: u64,
+    /// Bytes read from the parent image (incremental only, never from the source): the
+    /// unchanged rest of 512 KiB blocks the source changed only in part, to digest them.
+    #[serde(default)]
+    pub base_bytes_read: u64,
     /// Per-512 KiB-block SHA-256 digests of the whole disk, 32 bytes each, in order.
     pub block_list: String,
     /// SHA-256 of the block list file: the disk's content digest, what

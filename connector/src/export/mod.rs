@@ -14,6 +14,7 @@ pub mod hyperv;
 pub mod manifest;
 pub mod target;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -96,6 +97,10 @@ pub struct ExportRequest<'a> {
     pub to: String,
     /// An earlier export's manifest: export only what changed since.
     pub base: Option<String>,
+    /// Disk key → the EBS snapshot the base export was imported into. A replication run
+    /// deletes its staged images once imported, so the unchanged rest of a block the VM
+    /// changed in part is read from these instead of the base's image. Empty: the image.
+    pub base_snapshots: BTreeMap<String, String>,
     pub quiesce: bool,
     pub via: Via,
     /// No progress bars or notes on the terminal (JSON output, or a run of the connector).
@@ -201,6 +206,8 @@ pub struct DiskReport {
     pub image: String,
     pub capacity_bytes: u64,
     pub data_bytes: u64,
+    /// Read from the base export's image, not the source (see the manifest's field).
+    pub base_bytes_read: u64,
     pub image_bytes: u64,
     pub content_sha256: String,
 }
@@ -277,6 +284,7 @@ async fn export_command(
         vm: vm_name.to_owned(),
         to: to.to_owned(),
         base: args.base.clone(),
+        base_snapshots: BTreeMap::new(),
         quiesce: args.quiesce,
         via: args.via,
         quiet: args.output == OutputMode::Json,
@@ -301,6 +309,7 @@ async fn export_command(
                 image: image.clone(),
                 capacity_bytes: d.capacity_bytes,
                 data_bytes: d.data_bytes,
+                base_bytes_read: d.base_bytes_read,
                 image_bytes: d.image_bytes,
                 content_sha256: d.content_sha256.clone(),
             })
@@ -374,10 +383,7 @@ async fn export_vsphere(
 ) -> Result<Exported> {
     let found = client.find_vm(&request.vm).await?;
     let vm = found.info.clone();
-    let base = match &request.base {
-        Some(location) => Some(Base::load(location, clients.as_ref(), &vm).await?),
-        None => None,
-    };
+    let base = Base::of_request(request, clients.as_ref(), &vm).await?;
     preflight(client, &found, request, base.as_ref()).await?;
 
     let target = Target::parse(&request.to, clients.clone())?;
@@ -564,9 +570,25 @@ struct Base {
     location: String,
     manifest: Manifest,
     clients: Option<Clients>,
+    /// See [`ExportRequest::base_snapshots`].
+    snapshots: BTreeMap<String, String>,
 }
 
 impl Base {
+    /// The request's base export, if it names one.
+    async fn of_request(
+        request: &ExportRequest<'_>,
+        clients: Option<&Clients>,
+        vm: &VmInfo,
+    ) -> Result<Option<Base>> {
+        let Some(location) = &request.base else {
+            return Ok(None);
+        };
+        let mut base = Base::load(location, clients, vm).await?;
+        base.snapshots = request.base_snapshots.clone();
+        Ok(Some(base))
+    }
+
     async fn load(location: &str, clients: Option<&Clients>, vm: &VmInfo) -> Result<Base> {
         let bytes = target::read_small(location, clients).await?;
         let manifest = Manifest::parse(&bytes, location)?;
@@ -583,7 +605,24 @@ impl Base {
             location: location.to_owned(),
             manifest,
             clients: clients.cloned(),
+            snapshots: BTreeMap::new(),
         })
+    }
+
+    /// Where the unchanged rest of a partly changed block of `entry`'s disk is read.
+    fn parent_bytes(&self, entry: &DiskEntry) -> Result<disk::ParentBytesFrom> {
+        match self.snapshots.get(&entry.key) {
+            Some(snapshot_id) => Ok(disk::ParentBytesFrom::Snapshot {
+                snapshot_id: snapshot_id.clone(),
+                clients: self.clients.clone().with_context(|| {
+                    format!("reading snapshot {snapshot_id} needs AWS clients (internal error)")
+                })?,
+            }),
+            None => Ok(disk::ParentBytesFrom::Image {
+                location: target::sibling(&self.location, &entry.image),
+                clients: self.clients.clone(),
+            }),
+        }
     }
 
     async fn block_list(&self, entry: &DiskEntry) -> Result<Vec<[u8; 32]>> {
@@ -830,6 +869,7 @@ async fn export_disk<S: Source>(
                 entry: entry.clone(),
                 location: target::sibling(&base.location, &entry.image),
                 digests: base.block_list(entry).await?,
+                bytes_from: base.parent_bytes(entry)?,
             })
         }
         _ => None,
@@ -888,6 +928,7 @@ async fn disk_entry(
         image_unique_id,
         parent_image: base_entry.map(|e| e.image.clone()),
         data_bytes: written.data_bytes,
+        base_bytes_read: written.parent_bytes_read,
         block_list,
         content_sha256: list.sha256,
         disk_sha256: written.disk_sha256,

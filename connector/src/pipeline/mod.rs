@@ -354,6 +354,15 @@ async fn export_step(
             source: source_config,
             vm: job.vm_id.clone(),
             to: format!("s3://{bucket}/{prefix}"),
+            // The staged images of the base were deleted once imported: partly changed
+            // blocks are completed from the snapshots they became.
+            base_snapshots: match &base {
+                Some(_) => lineage
+                    .iter()
+                    .filter_map(|l| Some((l.disk_key.clone(), l.last_snapshot_id.clone()?)))
+                    .collect(),
+                None => Default::default(),
+            },
             base,
             quiesce: false,
             via: Via::Snapshot,
