@@ -37,9 +37,15 @@ const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 /// rate: speed wins.
 const COMPRESSION_LEVEL: u32 = 1;
 
-/// zlib's worst case for one grain (compressBound: n + n/4096 + n/16384 + n/2^25 + 13),
-/// plus the grain marker and sector padding, rounded up generously.
+/// Room reserved for one grain's frame: the largest it can be, plus some slack for the
+/// fast level's attempt before an incompressible grain falls back to stored blocks.
 const COMPRESSED_CAPACITY: usize = GRAIN_LEN + 1024;
+
+/// The largest frame of one grain: its marker and the grain in deflate's stored blocks
+/// (5 bytes per 65,535, zlib's 6), padded to a sector: 129 sectors.
+const MAX_FRAME_BYTES: u64 =
+    (GRAIN_MARKER_LEN as u64 + GRAIN_BYTES + 5 * GRAIN_BYTES.div_ceil(65_535) + 6)
+        .next_multiple_of(SECTOR_SIZE);
 
 /// Writes a streamOptimized VMDK, full or as a delta child, to a forward-only output
 /// (a file, a pipe, an S3 multipart upload: any `Write`).
@@ -64,6 +70,10 @@ struct Output<W: Write> {
     gd: Vec<u32>,
     gt: GrainTable,
     compress: Compress,
+    /// Deflate's stored (level 0) blocks, for grains the fast level would expand: zlib's
+    /// level 1 emits only static-Huffman blocks, 5–6% larger than random input, where
+    /// stored blocks cost 11 bytes a grain.
+    store: Compress,
     /// Marker, compressed grain and padding of the grain being written.
     frame: Vec<u8>,
     /// The frame of an all-zero grain, compressed once when a delta first needs it (only
@@ -136,6 +146,7 @@ impl<W: Write> StreamOptimizedWriter<W> {
             gd: vec![0; gd_len],
             gt: GrainTable::new(),
             compress: Compress::new(Compression::new(COMPRESSION_LEVEL), true),
+            store: Compress::new(Compression::none(), true),
             frame: Vec::with_capacity(COMPRESSED_CAPACITY),
             zero_frame: Vec::new(),
             store_zeros: delta,
@@ -162,7 +173,7 @@ impl<W: Write> StreamOptimizedWriter<W> {
 fn max_file_bytes(virtual_size: u64) -> u64 {
     let grains = virtual_size.div_ceil(GRAIN_BYTES);
     let tables = grains.div_ceil(GTES_PER_GT);
-    let frame = (COMPRESSED_CAPACITY as u64).next_multiple_of(SECTOR_SIZE);
+    let frame = MAX_FRAME_BYTES;
     let gd = (tables * 4).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
     // Header and descriptor within one grain, a GT marker per table, the GD marker, the
     // footer marker, footer and end-of-stream marker.
@@ -252,21 +263,13 @@ impl<W: Write> Output<W> {
 
     /// Fills `frame` with the grain marker, the zlib stream and padding to a sector.
     fn compress_frame(&mut self, grain: u64, data: &[u8]) -> Result<()> {
-        self.frame.clear();
-        self.frame.extend_from_slice(&[0; GRAIN_MARKER_LEN]);
-        self.compress.reset();
-        loop {
-            let consumed = usize::try_from(self.compress.total_in()).unwrap_or(usize::MAX);
-            let rest = data.get(consumed..).unwrap_or_default();
-            let status = self
-                .compress
-                .compress_vec(rest, &mut self.frame, FlushCompress::Finish)
-                .map_err(|e| Error::InvalidInput(format!("{}: deflate failed: {e}", self.name)))?;
-            if status == Status::StreamEnd {
-                break;
-            }
-            // Output space ran out (incompressible data beyond the bound): grow and go on.
-            self.frame.reserve(4096);
+        deflate_after_marker(&mut self.compress, data, &mut self.frame, &self.name)?;
+        // Stored blocks: 5 bytes per 65,535 bytes, plus zlib's 2-byte header and 4-byte
+        // checksum. More than that means the data did not compress: store it instead.
+        let stored_len = data.len() + 5 * data.len().div_ceil(65_535).max(1) + 6;
+        // (The frame a stored grain makes is what MAX_FRAME_BYTES bounds.)
+        if self.frame.len() - GRAIN_MARKER_LEN > stored_len {
+            deflate_after_marker(&mut self.store, data, &mut self.frame, &self.name)?;
         }
         let compressed = u32::try_from(self.frame.len() - GRAIN_MARKER_LEN).unwrap_or(u32::MAX);
         self.frame[..GRAIN_MARKER_LEN]
@@ -275,6 +278,31 @@ impl<W: Write> Output<W> {
         self.frame
             .resize(usize::try_from(padded).unwrap_or(self.frame.len()), 0);
         Ok(())
+    }
+}
+
+/// Fills `frame` with room for a grain marker and then `data` deflated (zlib format) by
+/// `compress`.
+fn deflate_after_marker(
+    compress: &mut Compress,
+    data: &[u8],
+    frame: &mut Vec<u8>,
+    name: &str,
+) -> Result<()> {
+    frame.clear();
+    frame.extend_from_slice(&[0; GRAIN_MARKER_LEN]);
+    compress.reset();
+    loop {
+        let consumed = usize::try_from(compress.total_in()).unwrap_or(usize::MAX);
+        let rest = data.get(consumed..).unwrap_or_default();
+        let status = compress
+            .compress_vec(rest, frame, FlushCompress::Finish)
+            .map_err(|e| Error::InvalidInput(format!("{name}: deflate failed: {e}")))?;
+        if status == Status::StreamEnd {
+            return Ok(());
+        }
+        // Output space ran out (incompressible data beyond the bound): grow and go on.
+        frame.reserve(4096);
     }
 }
 
@@ -445,6 +473,49 @@ mod tests {
         assert_eq!(u32_at(&file, gt_offset), 0);
         assert_eq!(u32_at(&file, gt_offset + 4), 128);
         assert_eq!(u32_at(&file, gt_offset + 8), 0);
+    }
+
+    #[test]
+    fn incompressible_grains_are_stored_not_expanded() {
+        // xorshift bytes: nothing for deflate to find.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..8 * GRAIN_LEN)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[0]
+            })
+            .collect();
+        let mut buf = Vec::new();
+        let mut w = Box::new(
+            StreamOptimizedWriter::with_parent(&mut buf, 8 * GRAIN_BYTES, None, "r.vmdk".into())
+                .unwrap(),
+        );
+        w.put(Extent::Data {
+            offset: 0,
+            data: Bytes::from(data.clone()),
+        })
+        .unwrap();
+        (w as Box<dyn ExtentSink>).finish().unwrap();
+        // Each grain: a 12-byte marker and 11 bytes of stored-block framing, padded to
+        // 129 sectors; the fast level's static Huffman codes would need 135 or more.
+        let g = 128 * 512;
+        for i in 0..8 {
+            let at = g + i * 129 * 512;
+            assert_eq!(u64_at(&buf, at), i as u64 * 128, "grain {i}'s marker");
+            let clen = u32_at(&buf, at + 8) as usize;
+            assert!(clen <= GRAIN_LEN + 16, "grain {i}: {clen} bytes");
+            let mut inflated = Vec::with_capacity(GRAIN_LEN);
+            flate2::Decompress::new(true)
+                .decompress_vec(
+                    &buf[at + 12..at + 12 + clen],
+                    &mut inflated,
+                    flate2::FlushDecompress::Finish,
+                )
+                .unwrap();
+            assert!(inflated == data[i * GRAIN_LEN..(i + 1) * GRAIN_LEN]);
+        }
     }
 
     #[test]
