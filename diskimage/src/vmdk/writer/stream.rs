@@ -41,6 +41,9 @@ const COMPRESSION_LEVEL: u32 = 1;
 /// fast level's attempt before an incompressible grain falls back to stored blocks.
 const COMPRESSED_CAPACITY: usize = GRAIN_LEN + 1024;
 
+/// How much of a grain is deflated to probe whether it compresses (see `compress_frame`).
+const PROBE_LEN: usize = 4096;
+
 /// The largest frame of one grain: its marker and the grain in deflate's stored blocks
 /// (5 bytes per 65,535, zlib's 6), padded to a sector: 129 sectors.
 const MAX_FRAME_BYTES: u64 =
@@ -74,6 +77,8 @@ struct Output<W: Write> {
     /// level 1 emits only static-Huffman blocks, 5–6% larger than random input, where
     /// stored blocks cost 11 bytes a grain.
     store: Compress,
+    /// The last grain did not compress: probe the next one's head before deflating it all.
+    last_stored: bool,
     /// Marker, compressed grain and padding of the grain being written.
     frame: Vec<u8>,
     /// The frame of an all-zero grain, compressed once when a delta first needs it (only
@@ -147,6 +152,7 @@ impl<W: Write> StreamOptimizedWriter<W> {
             gt: GrainTable::new(),
             compress: Compress::new(Compression::new(COMPRESSION_LEVEL), true),
             store: Compress::new(Compression::none(), true),
+            last_stored: false,
             frame: Vec::with_capacity(COMPRESSED_CAPACITY),
             zero_frame: Vec::new(),
             store_zeros: delta,
@@ -263,14 +269,26 @@ impl<W: Write> Output<W> {
 
     /// Fills `frame` with the grain marker, the zlib stream and padding to a sector.
     fn compress_frame(&mut self, grain: u64, data: &[u8]) -> Result<()> {
-        deflate_after_marker(&mut self.compress, data, &mut self.frame, &self.name)?;
+        // After an incompressible grain (encrypted or already compressed data comes in
+        // runs), deflate only the head of the next one first: if that does not shrink,
+        // store the grain without spending a whole deflate on it.
+        let probe_failed = self.last_stored && data.len() > PROBE_LEN && {
+            let head = &data[..PROBE_LEN];
+            deflate_after_marker(&mut self.compress, head, &mut self.frame, &self.name)?;
+            self.frame.len() - GRAIN_MARKER_LEN >= PROBE_LEN
+        };
         // Stored blocks: 5 bytes per 65,535 bytes, plus zlib's 2-byte header and 4-byte
         // checksum. More than that means the data did not compress: store it instead.
-        let stored_len = data.len() + 5 * data.len().div_ceil(65_535).max(1) + 6;
         // (The frame a stored grain makes is what MAX_FRAME_BYTES bounds.)
-        if self.frame.len() - GRAIN_MARKER_LEN > stored_len {
+        let stored_len = data.len() + 5 * data.len().div_ceil(65_535).max(1) + 6;
+        let store = probe_failed || {
+            deflate_after_marker(&mut self.compress, data, &mut self.frame, &self.name)?;
+            self.frame.len() - GRAIN_MARKER_LEN > stored_len
+        };
+        if store {
             deflate_after_marker(&mut self.store, data, &mut self.frame, &self.name)?;
         }
+        self.last_stored = store;
         let compressed = u32::try_from(self.frame.len() - GRAIN_MARKER_LEN).unwrap_or(u32::MAX);
         self.frame[..GRAIN_MARKER_LEN]
             .copy_from_slice(&encode_grain_marker(grain * GRAIN_SECTORS, compressed));
@@ -479,7 +497,7 @@ mod tests {
     fn incompressible_grains_are_stored_not_expanded() {
         // xorshift bytes: nothing for deflate to find.
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let data: Vec<u8> = (0..8 * GRAIN_LEN)
+        let mut data: Vec<u8> = (0..8 * GRAIN_LEN)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -487,9 +505,12 @@ mod tests {
                 x.to_le_bytes()[0]
             })
             .collect();
+        // Then a grain that compresses well: the probe after stored grains must not
+        // store it too.
+        data.extend(b"rehost ".iter().cycle().take(GRAIN_LEN));
         let mut buf = Vec::new();
         let mut w = Box::new(
-            StreamOptimizedWriter::with_parent(&mut buf, 8 * GRAIN_BYTES, None, "r.vmdk".into())
+            StreamOptimizedWriter::with_parent(&mut buf, 9 * GRAIN_BYTES, None, "r.vmdk".into())
                 .unwrap(),
         );
         w.put(Extent::Data {
@@ -516,6 +537,12 @@ mod tests {
                 .unwrap();
             assert!(inflated == data[i * GRAIN_LEN..(i + 1) * GRAIN_LEN]);
         }
+        let last = g + 8 * 129 * 512;
+        assert_eq!(u64_at(&buf, last), 8 * 128);
+        assert!(
+            u32_at(&buf, last + 8) < 1024,
+            "the text grain was compressed"
+        );
     }
 
     #[test]
