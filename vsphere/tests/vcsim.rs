@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use rehost_core::{
-    ChangeToken, DiskId, EBS_BLOCK_SIZE, ErrorKind, Extent, PowerState, SnapshotOptions, Source,
+    ChangeToken, DiskId, ErrorKind, Extent, PowerState, READ_ALIGNMENT, SnapshotOptions, Source,
     VmId,
 };
 use rehost_vsphere::{
@@ -249,7 +249,7 @@ fn write(vc: &Vcsim, image: &mut [u8], vm: &str, offset: u64, data: &[u8]) {
 }
 
 /// Applies a disk read onto `image`, checking the extents cover the disk in order and are
-/// EBS-block aligned; returns the data offsets.
+/// aligned to the 64 KiB grain; returns the data offsets.
 async fn apply(read: rehost_core::DiskRead<Error>, image: &mut [u8]) -> Vec<(u64, u64)> {
     let mut at = 0;
     let mut data = Vec::new();
@@ -257,7 +257,7 @@ async fn apply(read: rehost_core::DiskRead<Error>, image: &mut [u8]) -> Vec<(u64
     while let Some(extent) = extents.next().await {
         let extent = extent.unwrap();
         assert_eq!(extent.offset(), at, "extents are in order without gaps");
-        assert_eq!(extent.offset() % EBS_BLOCK_SIZE, 0);
+        assert_eq!(extent.offset() % READ_ALIGNMENT, 0);
         if let Extent::Data {
             offset,
             data: bytes,
