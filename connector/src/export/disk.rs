@@ -100,8 +100,8 @@ pub struct DiskWritten {
     pub id: ImageId,
     pub digests: Vec<[u8; 32]>,
     pub disk_sha256: Option<String>,
-    /// Bytes read from the parent's image to digest blocks the source changed only in
-    /// part (the rest of such a block is the parent's, which is not read from the source).
+    /// Bytes read from the parent (its image, or the snapshot it became) to digest blocks
+    /// the source changed only in part: the rest of such a block is not read from the source.
     pub parent_bytes_read: u64,
 }
 
