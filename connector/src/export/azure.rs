@@ -15,12 +15,12 @@ use rehost_azure::inventory::AzureVm;
 use rehost_core::{SnapshotOptions, SnapshotRef, Source};
 use rehost_importer::aws::Clients;
 
-use super::disk::{self, ImageFormat};
+use super::disk::ImageFormat;
 use super::manifest::{Manifest, SourceEntry};
 use super::target::Target;
 use super::{
-    Base, ExportRequest, Exported, ManifestHead, SNAPSHOT_MARKER, SNAPSHOT_PREFIX, export_disk,
-    file_safe, new_export_id, on_data, release_failed, settle_removal, write_manifest,
+    Base, ExportRequest, Exported, ManifestHead, SNAPSHOT_MARKER, SNAPSHOT_PREFIX,
+    export_vhd_disks, file_safe, new_export_id, release_failed, settle_removal, write_manifest,
 };
 use crate::store::SharedStore;
 
@@ -46,19 +46,8 @@ pub async fn export(
         bail!("{} has no managed disk to export", vm.name);
     }
     let base = Base::of_request(request, clients.as_ref(), vm).await?;
-    if let Some(base) = &base
-        && let Some(entry) = base
-            .manifest
-            .disks
-            .iter()
-            .find(|d| d.image_format != ImageFormat::VhdDynamic.name())
-    {
-        bail!(
-            "--base {}: disk {} is a {} image, not an Azure export's VHD",
-            base.location,
-            entry.key,
-            entry.image_format
-        );
+    if let Some(base) = &base {
+        base.require_format(ImageFormat::VhdDynamic, "an Azure export's VHD")?;
     }
     let target = Target::parse(&request.to, clients.clone())?;
     target.prepare()?;
@@ -196,33 +185,18 @@ impl AzureExport<'_> {
     async fn run(&self, snapshot: &SnapshotRef) -> Result<(String, Manifest)> {
         let vm = &self.found.info;
         let stem = self.stem();
-        let mut disks = Vec::new();
-        for disk in vm.disks.iter().filter(|d| d.unsupported.is_none()) {
-            let image = format!("{stem}-disk-{}.vhd", disk.id);
-            disks.push(
-                export_disk(
-                    self.azure,
-                    snapshot,
-                    &vm.name,
-                    disk,
-                    self.base,
-                    self.target,
-                    image.clone(),
-                    ImageFormat::VhdDynamic,
-                    |parent| disk::DiskJob {
-                        target: self.target.clone(),
-                        image: image.clone(),
-                        format: ImageFormat::VhdDynamic,
-                        label: format!("disk {}", disk.id),
-                        parent,
-                        quiet: self.request.quiet,
-                        on_data: on_data(self.request, &self.found.info, &self.read_so_far),
-                        handle: self.handle.clone(),
-                    },
-                )
-                .await?,
-            );
-        }
+        let disks = export_vhd_disks(
+            self.azure,
+            snapshot,
+            self.request,
+            vm,
+            self.base,
+            self.target,
+            &stem,
+            &self.handle,
+            &self.read_so_far,
+        )
+        .await?;
         write_manifest(
             self.target,
             &stem,

@@ -17,12 +17,12 @@ use rehost_hyperv::HypervSource;
 use rehost_hyperv::host::HyperVm;
 use rehost_importer::aws::Clients;
 
-use super::disk::{self, ImageFormat};
+use super::disk::ImageFormat;
 use super::manifest::{DiskEntry, Manifest, SourceEntry};
 use super::target::Target;
 use super::{
-    Base, ExportRequest, Exported, ManifestHead, SNAPSHOT_MARKER, SNAPSHOT_PREFIX, export_disk,
-    file_safe, new_export_id, on_data, release_failed, settle_removal, write_manifest,
+    Base, ExportRequest, Exported, ManifestHead, SNAPSHOT_MARKER, SNAPSHOT_PREFIX,
+    export_vhd_disks, file_safe, new_export_id, release_failed, settle_removal, write_manifest,
 };
 use crate::store::SharedStore;
 
@@ -55,19 +55,7 @@ pub async fn export(
                 found.version
             );
         }
-        if let Some(entry) = base
-            .manifest
-            .disks
-            .iter()
-            .find(|d| d.image_format != ImageFormat::VhdDynamic.name())
-        {
-            bail!(
-                "--base {}: disk {} is a {} image, not a Hyper-V export's VHD",
-                base.location,
-                entry.key,
-                entry.image_format
-            );
-        }
+        base.require_format(ImageFormat::VhdDynamic, "a Hyper-V export's VHD")?;
     }
     let target = Target::parse(&request.to, clients.clone())?;
     target.prepare()?;
@@ -316,35 +304,17 @@ impl HypervExport<'_> {
     /// Writes every disk's image; their change ids are filled in once the checkpoint is
     /// a reference point.
     async fn run(&self, snapshot: &SnapshotRef) -> Result<Vec<DiskEntry>> {
-        let vm = &self.found.info;
-        let stem = self.stem();
-        let mut disks = Vec::new();
-        for disk in vm.disks.iter().filter(|d| d.unsupported.is_none()) {
-            let image = format!("{stem}-disk-{}.vhd", disk.id);
-            disks.push(
-                export_disk(
-                    self.hyperv,
-                    snapshot,
-                    &vm.name,
-                    disk,
-                    self.base,
-                    self.target,
-                    image.clone(),
-                    ImageFormat::VhdDynamic,
-                    |parent| disk::DiskJob {
-                        target: self.target.clone(),
-                        image: image.clone(),
-                        format: ImageFormat::VhdDynamic,
-                        label: format!("disk {}", disk.id),
-                        parent,
-                        quiet: self.request.quiet,
-                        on_data: on_data(self.request, &self.found.info, &self.read_so_far),
-                        handle: self.handle.clone(),
-                    },
-                )
-                .await?,
-            );
-        }
-        Ok(disks)
+        export_vhd_disks(
+            self.hyperv,
+            snapshot,
+            self.request,
+            &self.found.info,
+            self.base,
+            self.target,
+            &self.stem(),
+            &self.handle,
+            &self.read_so_far,
+        )
+        .await
     }
 }

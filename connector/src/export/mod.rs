@@ -609,6 +609,25 @@ impl Base {
         })
     }
 
+    /// Refuses a base whose images are not all `format` (`whose`: "a Hyper-V export's VHD"):
+    /// a delta can only be written over an image of its own format.
+    fn require_format(&self, format: disk::ImageFormat, whose: &str) -> Result<()> {
+        match self
+            .manifest
+            .disks
+            .iter()
+            .find(|d| d.image_format != format.name())
+        {
+            Some(entry) => bail!(
+                "--base {}: disk {} is a {} image, not {whose}",
+                self.location,
+                entry.key,
+                entry.image_format
+            ),
+            None => Ok(()),
+        }
+    }
+
     /// Where the unchanged rest of a partly changed block of `entry`'s disk is read.
     fn parent_bytes(&self, entry: &DiskEntry) -> Result<disk::ParentBytesFrom> {
         match self.snapshots.get(&entry.key) {
@@ -933,6 +952,51 @@ async fn disk_entry(
         content_sha256: list.sha256,
         disk_sha256: written.disk_sha256,
     })
+}
+
+/// Exports every supported disk of `vm` as a dynamic VHD named `<stem>-disk-<id>.vhd` (a
+/// differencing VHD of the base's image for an incremental): how the Azure and Hyper-V
+/// sources, whose disks are VHDs, write theirs.
+#[allow(clippy::too_many_arguments)]
+async fn export_vhd_disks<S: Source>(
+    source: &S,
+    snapshot: &SnapshotRef,
+    request: &ExportRequest<'_>,
+    vm: &VmInfo,
+    base: Option<&Base>,
+    target: &Target,
+    stem: &str,
+    handle: &tokio::runtime::Handle,
+    read_so_far: &Arc<std::sync::atomic::AtomicU64>,
+) -> Result<Vec<DiskEntry>> {
+    let mut disks = Vec::new();
+    for disk in vm.disks.iter().filter(|d| d.unsupported.is_none()) {
+        let image = format!("{stem}-disk-{}.vhd", disk.id);
+        disks.push(
+            export_disk(
+                source,
+                snapshot,
+                &vm.name,
+                disk,
+                base,
+                target,
+                image.clone(),
+                disk::ImageFormat::VhdDynamic,
+                |parent| disk::DiskJob {
+                    target: target.clone(),
+                    image: image.clone(),
+                    format: disk::ImageFormat::VhdDynamic,
+                    label: format!("disk {}", disk.id),
+                    parent,
+                    quiet: request.quiet,
+                    on_data: on_data(request, vm, read_so_far),
+                    handle: handle.clone(),
+                },
+            )
+            .await?,
+        );
+    }
+    Ok(disks)
 }
 
 /// The per-disk byte callback feeding `request`'s progress, if it has one: bytes read so far
