@@ -273,6 +273,23 @@ struct SourceCheck {
     error: Option<String>,
 }
 
+impl SourceCheck {
+    /// A check of the source `name` at `url` before anything was tried.
+    fn nothing_yet(name: String, url: String) -> Self {
+        SourceCheck {
+            source: name,
+            url,
+            reachable: false,
+            authenticated: false,
+            version: None,
+            missing_privileges: Vec::new(),
+            rct_available: None,
+            smb_reachable: None,
+            error: None,
+        }
+    }
+}
+
 pub fn run_config(cmd: ConfigCommand) -> Result<ExitCode> {
     let ConfigCommand::Check { common } = cmd;
     let config = Config::locate(common.config.as_deref())?;
@@ -349,17 +366,7 @@ async fn check_source(config: &Config, source: &crate::config::SourceConfig) -> 
     if source.kind == crate::config::SourceKind::Hyperv {
         return check_hyperv_source(config, source).await;
     }
-    let mut check = SourceCheck {
-        source: source.name.clone(),
-        url: source.url.clone(),
-        reachable: false,
-        authenticated: false,
-        version: None,
-        missing_privileges: Vec::new(),
-        rct_available: None,
-        smb_reachable: None,
-        error: None,
-    };
+    let mut check = SourceCheck::nothing_yet(source.name.clone(), source.url.clone());
     match crate::sources::connect_vsphere(config, source).await {
         Ok(client) => {
             check.reachable = true;
@@ -389,17 +396,7 @@ async fn check_source(config: &Config, source: &crate::config::SourceConfig) -> 
 /// visible ("reachable", with its name as the version line), and the replication actions
 /// the caller's role assignments do not grant.
 async fn check_azure_source(config: &Config, source: &crate::config::SourceConfig) -> SourceCheck {
-    let mut check = SourceCheck {
-        source: source.name.clone(),
-        url: source.endpoint(),
-        reachable: false,
-        authenticated: false,
-        version: None,
-        missing_privileges: Vec::new(),
-        rct_available: None,
-        smb_reachable: None,
-        error: None,
-    };
+    let mut check = SourceCheck::nothing_yet(source.name.clone(), source.endpoint());
     let azure = match crate::sources::connect_azure(config, source) {
         Ok(azure) => azure,
         Err(err) => {
@@ -443,17 +440,7 @@ async fn check_azure_source(config: &Config, source: &crate::config::SourceConfi
 /// Server 2016 or later: build 14393), and the administrative share over SMB.
 async fn check_hyperv_source(config: &Config, source: &crate::config::SourceConfig) -> SourceCheck {
     use rehost_core::SourceError as _;
-    let mut check = SourceCheck {
-        source: source.name.clone(),
-        url: source.url.clone(),
-        reachable: false,
-        authenticated: false,
-        version: None,
-        missing_privileges: Vec::new(),
-        rct_available: None,
-        smb_reachable: None,
-        error: None,
-    };
+    let mut check = SourceCheck::nothing_yet(source.name.clone(), source.url.clone());
     let hyperv = match crate::sources::connect_hyperv(config, source) {
         Ok(hyperv) => hyperv,
         Err(err) => {
