@@ -23,12 +23,11 @@
 
 #[path = "../http.rs"]
 mod http;
+#[path = "../ready.rs"]
+mod ready;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::{Child, Command};
 
 use serde_json::{Value, json};
 
@@ -68,38 +67,15 @@ impl AzureDouble {
                 .unwrap_or(0)
         ));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let mut child = Command::new("python3")
-            .arg(script_path())
-            .arg("--state-dir")
-            .arg(&dir)
-            .args(["--port", "0", "--quiet"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("starting python3 {}: {e}", script_path().display()))?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            // Keep reading so the double never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                return Err("the Azure double did not print READY in 30 s".into());
-            }
-        };
-        let url = line
-            .strip_prefix("READY ")
-            .ok_or_else(|| format!("unexpected first line {line:?}"))?
-            .trim()
-            .to_owned();
+        let (child, url) = ready::spawn_until_ready(
+            Command::new("python3")
+                .arg(script_path())
+                .arg("--state-dir")
+                .arg(&dir)
+                .args(["--port", "0", "--quiet"])
+                .args(extra),
+            "the Azure double",
+        )?;
         let addr = url
             .trim_start_matches("http://")
             .trim_start_matches("https://")

@@ -19,11 +19,11 @@
 
 #[path = "../http.rs"]
 mod http;
+#[path = "../ready.rs"]
+mod ready;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command};
 
 use serde_json::{Value, json};
 
@@ -93,33 +93,17 @@ impl HypervHost {
             {"name": SMB_REFUSED_USER, "password": SMB_REFUSED_PASSWORD, "admin": true},
         ]});
         std::fs::write(&users, list.to_string()).map_err(|e| e.to_string())?;
-        let mut child = Command::new(python())
-            .arg(emulators().join("hyperv/double.py"))
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--users")
-            .arg(&users)
-            .args(["--port", "0", "--quiet"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("starting the Hyper-V double ({}): {e}", python().display()))?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let first = lines.next().and_then(Result::ok).unwrap_or_default();
-            let _ = tx.send(first);
-            for _ in lines {}
-        });
-        let ready = rx
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| "the Hyper-V double did not print READY within 30 s".to_owned())?;
-        let url = ready
-            .strip_prefix("READY ")
-            .ok_or_else(|| format!("unexpected first line from the double: {ready:?}"))?
-            .to_owned();
+        let (child, url) = ready::spawn_until_ready(
+            Command::new(python())
+                .arg(emulators().join("hyperv/double.py"))
+                .arg("--state-dir")
+                .arg(&state)
+                .arg("--users")
+                .arg(&users)
+                .args(["--port", "0", "--quiet"])
+                .args(extra),
+            "the Hyper-V double",
+        )?;
         let addr = url
             .trim_start_matches("http://")
             .trim_start_matches("https://")
