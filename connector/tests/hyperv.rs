@@ -129,6 +129,26 @@ smb_address = "{smb}"
     fn out(&self) -> PathBuf {
         self.dir.path().join("out")
     }
+
+    /// `rehost export` of `vm` into `out()` (an incremental over `base`), its JSON report.
+    fn export(&self, vm: &str, base: Option<&str>) -> Value {
+        let out = self.out();
+        let mut args = vec![
+            "export",
+            "--source",
+            "hv1",
+            "--vm",
+            vm,
+            "--to",
+            out.to_str().unwrap(),
+            "--output",
+            "json",
+        ];
+        if let Some(base) = base {
+            args.extend(["--base", base]);
+        }
+        self.json_ok(&args)
+    }
 }
 
 fn checksum(path: &Path) -> String {
@@ -199,18 +219,7 @@ fn full_then_incremental_exports_decode_to_the_disk_at_checkpoint_time() {
         &vm,
         &json!({"disk": 0, "offset": 2 * MIB, "len": MIB, "fill": 255}),
     );
-    let out = world.out();
-    let full = world.json_ok(&[
-        "export",
-        "--source",
-        "hv1",
-        "--vm",
-        "db01",
-        "--to",
-        out.to_str().unwrap(),
-        "--output",
-        "json",
-    ]);
+    let full = world.export("db01", None);
     let image = PathBuf::from(full["disks"][0]["image"].as_str().unwrap());
     assert_eq!(
         checksum(&image),
@@ -240,19 +249,7 @@ fn full_then_incremental_exports_decode_to_the_disk_at_checkpoint_time() {
     world.host.write_seeded(&vm, 0, 70 * MIB + 4096, 4096, 8);
     let at_incremental = world.host.sha256(&vm, 0);
     let manifest = full["manifest"].as_str().unwrap();
-    let incremental = world.json_ok(&[
-        "export",
-        "--source",
-        "hv1",
-        "--vm",
-        "db01",
-        "--to",
-        out.to_str().unwrap(),
-        "--base",
-        manifest,
-        "--output",
-        "json",
-    ]);
+    let incremental = world.export("db01", Some(manifest));
     assert_eq!(incremental["kind"], "incremental", "{incremental}");
     // Changed since the full export's checkpoint: the two writes above (one 64 KiB grain
     // each) and the 1 MiB the VM wrote while that export ran (two whole 512 KiB blocks).
@@ -287,19 +284,7 @@ fn full_then_incremental_exports_decode_to_the_disk_at_checkpoint_time() {
     world.host.write_seeded(&vm, 0, 20 * MIB, 4096, 9);
     let at_fallback = world.host.sha256(&vm, 0);
     let manifest = incremental["manifest"].as_str().unwrap();
-    let fallback = world.json_ok(&[
-        "export",
-        "--source",
-        "hv1",
-        "--vm",
-        "db01",
-        "--to",
-        out.to_str().unwrap(),
-        "--base",
-        manifest,
-        "--output",
-        "json",
-    ]);
+    let fallback = world.export("db01", Some(manifest));
     let image = PathBuf::from(fallback["disks"][0]["image"].as_str().unwrap());
     assert_eq!(checksum(&image), at_fallback);
     assert!(fallback["disks"][0]["data_bytes"].as_u64().unwrap() >= 9 * MIB);
